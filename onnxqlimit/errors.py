@@ -1,0 +1,13 @@
+"""User-facing errors: the CLI prints them as one line and exits with code 2."""
+
+
+class QLimitError(Exception):
+    """A problem with the user's input (model, data, options), not a bug in onnxqlimit."""
+
+
+class UnsupportedModelError(QLimitError):
+    """The model uses ops or op features the mirror cannot reproduce exactly."""
+
+
+class UnsupportedNodeError(QLimitError):
+    """Raised by an op converter when one node uses a feature it does not implement."""

@@ -1,0 +1,273 @@
+"""Stage 1: read an ONNX model and bring it into the form the mirror and export expect.
+
+checker -> opset raised to a common floor -> onnxsim (falls back with a warning) ->
+Constant-held weights turned into initializers -> BatchNormalization folded into the
+preceding Conv/ConvTranspose/Gemm -> shape inference. The user's metadata_props survive
+(PP-OCR rec keeps its character dictionary there); onnxsim's bookkeeping keys do not.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import QLimitError
+from .graph import consumers, topological_sort
+
+log = logging.getLogger("onnxqlimit")
+
+_TWO_GB = 2**31 - 1
+
+
+@dataclass
+class LoadConfig:
+    simplify: bool = True
+    # Opset 13 brings per-channel Q/DQ (`axis`) and the input forms of Split/Squeeze/...
+    min_opset: int = 13
+    fold_batchnorm: bool = True
+
+
+def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """Read a model file (external data included) with a one-line error on failure."""
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        return model
+    path = Path(source)
+    if not path.is_file():
+        raise QLimitError(f"{path}: no such model file")
+    try:
+        return onnx.load(str(path))
+    except Exception as err:  # protobuf/IO errors come in many types
+        raise QLimitError(f"{path}: not a readable ONNX model ({_first_line(err)})") from None
+
+
+def load_model(source: str | os.PathLike | onnx.ModelProto, config: LoadConfig | None = None) -> onnx.ModelProto:
+    config = config or LoadConfig()
+    model = read_model(source)
+    metadata = [(p.key, p.value) for p in model.metadata_props]
+    topological_sort(model.graph)
+    large = model.ByteSize() > _TWO_GB
+    if not large:  # the checker cannot serialise >2 GB protos in memory
+        try:
+            onnx.checker.check_model(model)
+        except onnx.checker.ValidationError as err:
+            raise QLimitError(f"invalid ONNX model: {_first_line(err)}") from None
+
+    model = _raise_opset(model, config.min_opset)
+    constants_to_initializers(model.graph)
+    if config.simplify and large:
+        log.warning("model is over 2 GB: skipping onnxsim simplification")
+    elif config.simplify:
+        model = _simplify(model)
+        constants_to_initializers(model.graph)
+    if config.fold_batchnorm:
+        fold_batchnorm(model.graph)
+    model = _infer_shapes(model)
+
+    del model.metadata_props[:]
+    for key, value in metadata:
+        model.metadata_props.add(key=key, value=value)
+    return model
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 0
+
+
+def _raise_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    current = default_opset(model)
+    if current >= target:
+        return model
+    try:
+        converted = onnx.version_converter.convert_version(model, target)
+        onnx.checker.check_model(converted)
+        return converted
+    except Exception as err:
+        log.warning("could not convert opset %d -> %d (%s); keeping opset %d", current, target, _first_line(err), current)
+        return model
+
+
+def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxsim
+
+    try:
+        simplified, ok = onnxsim.simplify(model)
+    except Exception as err:  # onnxsim raises anything from protobuf to C++ errors
+        log.warning("onnxsim failed (%s); continuing with the unsimplified model", _first_line(err))
+        return model
+    if not ok:
+        log.warning("onnxsim could not validate its result; continuing with the unsimplified model")
+        return model
+    return simplified
+
+
+def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as err:
+        log.warning("shape inference failed (%s); shapes will be known at run time only", _first_line(err))
+        return model
+
+
+# ------------------------------------------------------------------ constants
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None  # sparse or string constants stay nodes
+
+
+def constants_to_initializers(graph: onnx.GraphProto) -> int:
+    """Turn Constant nodes into initializers of the same name; returns how many.
+
+    Exporters such as Paddle's keep every weight in a Constant node; quantizers and the
+    QDQ export need weights as initializers.
+    """
+    outputs = {o.name for o in graph.output}
+    kept, moved = [], 0
+    for node in graph.node:
+        value = _constant_value(node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+        if value is None or node.output[0] in outputs:
+            kept.append(node)
+            continue
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        moved += 1
+    if moved:
+        del graph.node[:]
+        graph.node.extend(kept)
+    return moved
+
+
+# ------------------------------------------------------------------ batch-norm folding
+
+
+def fold_batchnorm(graph: onnx.GraphProto) -> int:
+    """Fold inference BatchNormalization into a preceding Conv/ConvTranspose/Gemm; returns how many.
+
+    Legal only when the producer's output feeds this BN alone and every operand is a
+    float initializer used by that producer alone (so no other node sees changed weights).
+    """
+    inits = {t.name: t for t in graph.initializer}
+    users = consumers(graph)
+    graph_outputs = {o.name for o in graph.output}
+    producer_of = {out: node for node in graph.node for out in node.output}
+    removed: set[int] = set()
+    for bn in graph.node:
+        if bn.op_type != "BatchNormalization" or len([o for o in bn.output if o]) != 1:
+            continue
+        if any(a.name == "training_mode" and a.i for a in bn.attribute) or len(bn.input) != 5:
+            continue
+        prod = producer_of.get(bn.input[0])
+        if prod is None or prod.op_type not in ("Conv", "ConvTranspose", "Gemm"):
+            continue
+        if len(users[bn.input[0]]) != 1 or bn.input[0] in graph_outputs:
+            continue
+        operands = list(prod.input[1:]) + list(bn.input[1:])
+        if not all(n in inits and len(users[n]) == 1 for n in operands if n):
+            continue
+        if _fold_one(graph, prod, bn, inits):
+            prod.output[0] = bn.output[0]
+            removed.add(id(bn))
+    if removed:
+        kept = [n for n in graph.node if id(n) not in removed]
+        del graph.node[:]
+        graph.node.extend(kept)
+        live = {n for node in graph.node for n in node.output}
+        stale = [v for v in graph.value_info if v.name not in live]
+        for v in stale:
+            graph.value_info.remove(v)
+    return len(removed)
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _fold_one(graph: onnx.GraphProto, prod: onnx.NodeProto, bn: onnx.NodeProto, inits: dict) -> bool:
+    arr = {n: numpy_helper.to_array(inits[n]).astype(np.float64) for n in list(prod.input[1:]) + list(bn.input[1:]) if n}
+    gamma, beta, mean, var = (arr[n] for n in bn.input[1:])
+    scale = gamma / np.sqrt(var + _attr(bn, "epsilon", 1e-5))
+    weight_name = prod.input[1]
+    weight = arr[weight_name]
+    dtype = numpy_helper.to_array(inits[weight_name]).dtype
+    if dtype.kind != "f":
+        return False
+    channels = scale.shape[0]
+    bias_name = prod.input[2] if len(prod.input) > 2 and prod.input[2] else None
+    if prod.op_type == "Conv":
+        if weight.shape[0] != channels:
+            return False
+        weight = weight * scale.reshape([-1] + [1] * (weight.ndim - 1))
+        bias = arr[bias_name] if bias_name else np.zeros(channels)
+    elif prod.op_type == "ConvTranspose":
+        group = _attr(prod, "group", 1)
+        cin, cout_g = weight.shape[:2]
+        if cout_g * group != channels:
+            return False
+        # weight[i, j] feeds output channel (i // (cin/group)) * cout_g + j
+        per_in = np.repeat(scale.reshape(group, 1, cout_g), cin // group, axis=1).reshape(cin, cout_g)
+        weight = weight * per_in.reshape(cin, cout_g, *([1] * (weight.ndim - 2)))
+        bias = arr[bias_name] if bias_name else np.zeros(channels)
+    else:  # Gemm: BN over axis 1 of a 2-D output = the Gemm's N
+        if weight.ndim != 2:
+            return False
+        trans_b = _attr(prod, "transB", 0)
+        if weight.shape[0 if trans_b else 1] != channels:
+            return False
+        weight = weight * (scale[:, None] if trans_b else scale[None, :])
+        bias = arr[bias_name] * _attr(prod, "beta", 1.0) if bias_name else np.zeros(channels)
+        if bias.size not in (1, channels):
+            return False
+        bias = np.broadcast_to(bias.reshape(-1), (channels,))
+        for a in prod.attribute:
+            if a.name == "beta":
+                a.f = 1.0
+    new_bias = (bias - mean) * scale + beta
+    inits[weight_name].CopyFrom(numpy_helper.from_array(weight.astype(dtype), weight_name))
+    if bias_name:
+        inits[bias_name].CopyFrom(numpy_helper.from_array(new_bias.astype(dtype), bias_name))
+    else:
+        bias_name = _unique_name(graph, f"{weight_name}_bn_bias")
+        tensor = numpy_helper.from_array(new_bias.astype(dtype), bias_name)
+        graph.initializer.append(tensor)
+        inits[bias_name] = tensor
+        while len(prod.input) < 3:
+            prod.input.append("")
+        prod.input[2] = bias_name
+    return True
+
+
+def _unique_name(graph: onnx.GraphProto, base: str) -> str:
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    return name

@@ -1,0 +1,185 @@
+"""The mirror: an ONNX graph rebuilt as a torch.nn.Module, one torch function per node.
+
+Weights are parameters (float) or buffers (integer) registered under their initializer
+name; every tensor the graph computes can be captured or rewritten by name through
+`set_hook`, which is where quantizers attach later (a Q/DQ pair in the exported file
+stands exactly where a hook stands here).
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from .errors import QLimitError, UnsupportedModelError
+from .ops import Node, get_converter
+from .ops.registry import as_tensor
+
+
+def model_opsets(model: onnx.ModelProto) -> dict[str, int]:
+    return {("" if o.domain in ("", "ai.onnx") else o.domain): o.version for o in model.opset_import}
+
+
+def unsupported_op_counts(model: onnx.ModelProto) -> Counter:
+    """Op types of the main graph that have no converter, with their node counts."""
+    counts: Counter = Counter()
+    for proto in model.graph.node:
+        if get_converter(proto.op_type, proto.domain) is None:
+            counts[f"{proto.domain}.{proto.op_type}" if proto.domain not in ("", "ai.onnx") else proto.op_type] += 1
+    return counts
+
+
+def _safe_key(name: str, taken: set[str]) -> str:
+    key = "t_" + re.sub(r"\W", "_", name)
+    while key in taken:
+        key += "_"
+    taken.add(key)
+    return key
+
+
+class Mirror(nn.Module):
+    """Runs an ONNX graph with torch; see the module docstring."""
+
+    def __init__(self, model: onnx.ModelProto):
+        super().__init__()
+        graph = model.graph
+        self.opsets = model_opsets(model)
+        self._keys: dict[str, str] = {}  # ONNX tensor name -> attribute name on this module
+        taken: set[str] = set()
+        self.initializer_names: list[str] = []
+        for init in graph.initializer:
+            try:
+                value = as_tensor(numpy_helper.to_array(init))
+            except QLimitError as err:
+                raise UnsupportedModelError(f"initializer '{init.name}': {err}") from None
+            key = _safe_key(init.name, taken)
+            self._keys[init.name] = key
+            self.initializer_names.append(init.name)
+            if value.is_floating_point():
+                self.register_parameter(key, nn.Parameter(value, requires_grad=False))
+            else:
+                self.register_buffer(key, value)
+        initialized = set(self._keys)
+        self.input_names = [i.name for i in graph.input if i.name not in initialized]
+        self.output_names = [o.name for o in graph.output]
+
+        self.nodes: list[Node] = []
+        self._fns = []
+        problems: list[str] = []
+        missing = unsupported_op_counts(model)
+        for index, proto in enumerate(graph.node):
+            node = Node.from_proto(proto, self.opsets, index)
+            converter = get_converter(node.op_type, node.domain)
+            if converter is None:
+                continue
+            try:
+                self._fns.append(converter(node))
+            except QLimitError as err:
+                problems.append(str(err))
+            self.nodes.append(node)
+        if missing or problems:
+            raise UnsupportedModelError(_refusal_message(missing, problems))
+
+        # Where each tensor is last read, so intermediate results are freed as soon as possible.
+        self._last_use: dict[str, int] = {}
+        for index, node in enumerate(self.nodes):
+            for name in node.inputs:
+                self._last_use[name] = index
+        self._hook_keys: dict[str, str] = {}
+        self.hooks = nn.ModuleDict()
+
+    # ---------------------------------------------------------------- tensors by name
+
+    def initializer(self, name: str) -> torch.Tensor:
+        return getattr(self, self._keys[name])
+
+    def set_hook(self, name: str, module: nn.Module | None) -> None:
+        """Route the tensor `name` through `module` wherever it is read (None removes)."""
+        key = self._hook_keys.get(name) or _safe_key(name, set(self.hooks.keys()))
+        if module is None:
+            self.hooks.pop(key, None)
+            self._hook_keys.pop(name, None)
+            return
+        self._hook_keys[name] = key
+        self.hooks[key] = module
+
+    def get_hook(self, name: str) -> nn.Module | None:
+        key = self._hook_keys.get(name)
+        return self.hooks[key] if key is not None else None
+
+    # ---------------------------------------------------------------- execution
+
+    @property
+    def device(self) -> torch.device:
+        for t in list(self.parameters()) + list(self.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+    def _put(self, env: dict, name: str, value: torch.Tensor) -> None:
+        key = self._hook_keys.get(name)
+        env[name] = self.hooks[key](value) if key is not None else value
+
+    def initial_env(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Initializers and graph inputs, hooks applied: the state before the first node."""
+        env: dict[str, torch.Tensor] = {}
+        for name in self.initializer_names:
+            self._put(env, name, self.initializer(name))
+        device = self.device
+        for name in self.input_names:
+            if name not in feeds:
+                raise QLimitError(f"missing model input '{name}' (expected: {', '.join(self.input_names)})")
+            value = feeds[name]
+            if not isinstance(value, torch.Tensor):
+                value = as_tensor(np.asarray(value))
+            self._put(env, name, value.to(device))
+        return env
+
+    def execute(self, env: dict[str, torch.Tensor], node_range: Iterable[int] | None = None,
+                keep: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+        """Run nodes (all, or the given indices in order) over `env`, in place.
+
+        Tensors not needed by later nodes are dropped unless named in `keep`.
+        """
+        keep = set(keep) | set(self.output_names)
+        indices = range(len(self.nodes)) if node_range is None else node_range
+        for index in indices:
+            node = self.nodes[index]
+            args = [env[name] if name else None for name in node.inputs]
+            try:
+                result = self._fns[index](*args)
+            except (RuntimeError, ValueError, IndexError, KeyError) as err:
+                raise RuntimeError(f"{node.op_type} node '{node.name}' failed: {err}") from err
+            results = result if isinstance(result, (tuple, list)) else (result,)
+            for name, value in zip(node.outputs, results):
+                if name:
+                    self._put(env, name, value)
+            for name in node.inputs:
+                if self._last_use.get(name) == index and name not in keep:
+                    env.pop(name, None)
+        return env
+
+    def run(self, feeds: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Compute the graph outputs (or the named tensors) for one batch of inputs."""
+        wanted = list(outputs) if outputs is not None else self.output_names
+        env = self.execute(self.initial_env(feeds), keep=wanted)
+        return {name: env[name] for name in wanted}
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        result = self.run(dict(zip(self.input_names, inputs)))
+        return tuple(result[name] for name in self.output_names)
+
+
+def _refusal_message(missing: Counter, problems: list[str]) -> str:
+    parts = []
+    if missing:
+        ops = ", ".join(f"{op} ({count} node{'s' if count > 1 else ''})" for op, count in sorted(missing.items()))
+        parts.append(f"unsupported ops: {ops}")
+    if problems:
+        parts.append("unsupported features: " + "; ".join(problems))
+    return "model cannot be mirrored - " + " | ".join(parts)
