@@ -1,0 +1,96 @@
+"""The command line: inspect output, clear one-line refusals, exit codes."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from onnxqlimit.cli import main
+from tests.onnx_builders import if_model, lstm_model, make, rand, tensor
+
+
+@pytest.fixture()
+def small_model(tmp_path):
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["g"], transB=1), helper.make_node("Relu", ["g"], ["y"])]
+    model = make(nodes, [tensor("x", ["batch", 6])], [tensor("y", ["batch", 4])], [("w", rand(4, 6)), ("b", rand(4))],
+                 metadata={"note": "hello"})
+    path = tmp_path / "small.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_inspect_summary(capsys, small_model):
+    code, out, err = run(capsys, "inspect", small_model)
+    assert code == 0, err
+    assert "input  x: float [batch, 6]" in out
+    assert "output y: float [batch, 4]" in out
+    assert "opset 17" in out and "parameters: 28" in out
+    assert "Gemm" in out and "all ops supported" in out
+    assert "metadata: note" in out
+
+
+def test_inspect_check_random_and_npz(capsys, small_model, tmp_path):
+    code, out, err = run(capsys, "inspect", small_model, "--check", "--input-shape", "x=3,6")
+    assert code == 0, err
+    assert "parity: mirror vs onnxruntime on 3 sample(s)" in out and " yes" in out
+    data = tmp_path / "data.npz"
+    np.savez(data, x=rand(5, 6))
+    code, out, err = run(capsys, "inspect", small_model, "--check", "--data", data, "--samples", "4")
+    assert code == 0, err
+    assert "on 4 sample(s)" in out
+
+
+@pytest.mark.parametrize("builder,op", [(lstm_model, "LSTM"), (if_model, "If")])
+def test_unsupported_ops_refused_in_one_line(capsys, tmp_path, builder, op):
+    path = tmp_path / f"{op}.onnx"
+    onnx.save(builder(), str(path))
+    code, out, err = run(capsys, "inspect", path)
+    assert code == 0 and f"unsupported: {op} (1)" in out  # plain inspect reports, does not refuse
+    code, out, err = run(capsys, "inspect", path, "--check")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("onnxqlimit: error: model cannot be mirrored - unsupported ops: ")
+    assert f"{op} (1 node)" in lines[-1]
+    assert "Traceback" not in err
+
+
+def test_bad_inputs_exit_2_with_one_line(capsys, tmp_path, small_model):
+    cases = [
+        ["inspect", tmp_path / "missing.onnx"],
+        ["inspect", small_model, "--check", "--data", tmp_path / "missing.npz"],
+    ]
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not an onnx file at all")
+    cases.append(["inspect", junk])
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, other=rand(2, 6))
+    cases.append(["inspect", small_model, "--check", "--data", wrong])
+    for argv in cases:
+        code, out, err = run(capsys, *argv)
+        assert code == 2, (argv, err)
+        assert len(err.strip().splitlines()) == 1 and err.startswith("onnxqlimit: error: "), (argv, err)
+
+
+def test_bad_option_values_are_usage_errors(capsys, small_model):
+    for argv in (["inspect", small_model, "--samples", "0"], ["inspect", small_model, "--input-shape", "x"]):
+        with pytest.raises(SystemExit) as exc:
+            main([str(a) for a in argv])
+        assert exc.value.code == 2
+        assert "Traceback" not in capsys.readouterr().err
+
+
+def test_module_entry_point(small_model):
+    result = subprocess.run([sys.executable, "-m", "onnxqlimit", "inspect", str(small_model)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Gemm" in result.stdout
