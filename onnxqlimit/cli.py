@@ -47,13 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _inspect(args: argparse.Namespace) -> int:
     from .data import load_npz, random_feeds
     from .inspect import format_summary, summarize
-    from .load import LoadConfig, load_model, read_model
+    from .load import LoadConfig, default_opset, load_model, read_model
     from .mirror import Mirror
     from .parity import check_mirror, format_parity
 
-    model = load_model(args.model, LoadConfig(simplify=not args.no_simplify))
-    summary = summarize(model)
-    print(format_summary(summary))
+    original = read_model(args.model)
+    model = load_model(original, LoadConfig(simplify=not args.no_simplify))
+    print(f"{args.model}: {len(original.graph.node)} nodes at opset {default_opset(original)}, "
+          f"{len(model.graph.node)} after loading (simplified, constants lifted, BatchNorm folded)")
+    print(format_summary(summarize(model)))
     if not args.check:
         return 0
     mirror = Mirror(model)  # refuses unsupported models with one message
@@ -61,7 +63,7 @@ def _inspect(args: argparse.Namespace) -> int:
         feeds = {k: v[: args.samples] for k, v in load_npz(args.data, mirror.input_names).items()}
     else:
         feeds = random_feeds(model, dict(args.input_shape))
-    rows = check_mirror(read_model(args.model), mirror, feeds)
+    rows = check_mirror(original, mirror, feeds)
     print(f"\nparity: mirror vs onnxruntime on {len(next(iter(feeds.values())))} sample(s)")
     print(format_parity(rows))
     if not all(r.ok for r in rows):

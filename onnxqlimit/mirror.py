@@ -117,7 +117,9 @@ class Mirror(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        for t in list(self.parameters()) + list(self.buffers()):
+        for t in self.parameters():
+            return t.device
+        for t in self.buffers():
             return t.device
         return torch.device("cpu")
 

@@ -92,10 +92,10 @@ def _conv_transpose(node: Node):
         if output_shape or window.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             target = output_shape[-nd:] if output_shape else [n * s for n, s in zip(spatial, strides)]
             total = [f + op - t for f, op, t in zip(full, out_pad, target)]
-            if window.auto_pad == "SAME_LOWER":
-                begins = [t - t // 2 for t in total]
-            else:
-                begins = [t // 2 for t in total]
+            # onnxruntime's rule (checked against it): a shortfall is zero-filled at the end;
+            # an odd excess is cropped more at the start except for SAME_UPPER.
+            upper = window.auto_pad == "SAME_UPPER"
+            begins = [max(t, 0) // 2 if upper else max(t, 0) - max(t, 0) // 2 for t in total]
             ends = [t - bg for t, bg in zip(total, begins)]
         elif window.pads and window.auto_pad != "VALID":
             begins, ends = window.pads[:nd], window.pads[nd:]
@@ -277,7 +277,11 @@ def _group_norm(node: Node):
 @register("LpNormalization")
 def _lp_norm(node: Node):
     axis, p = node.attr("axis", -1), node.attr("p", 2)
-    return lambda x: x / torch.linalg.vector_norm(x, ord=p, dim=axis, keepdim=True)
+    def run(x):
+        norm = torch.linalg.vector_norm(x, ord=p, dim=axis, keepdim=True)
+        return torch.where(norm == 0, torch.zeros_like(x), x / norm)  # zero vectors stay zero
+
+    return run
 
 
 # ------------------------------------------------------------------ softmax family
@@ -319,10 +323,16 @@ def _hardmax_op(node: Node):
 # ------------------------------------------------------------------ reductions
 
 
-def _reduce_max_min(fn, empty_value):
+def _reduce_max_min(fn, largest: bool):
     def reduce(x, dims, keepdim):
         if any(x.shape[d] == 0 for d in dims):  # torch refuses; ONNX yields the identity
             shape = [1 if d in dims else n for d, n in enumerate(x.shape)]
+            if x.dtype == torch.bool:
+                empty_value = not largest
+            elif x.is_floating_point():
+                empty_value = float("-inf") if largest else float("inf")
+            else:
+                empty_value = torch.iinfo(x.dtype).min if largest else torch.iinfo(x.dtype).max
             out = torch.full(shape, empty_value, dtype=x.dtype, device=x.device)
             return out if keepdim else out.reshape([n for d, n in enumerate(x.shape) if d not in dims])
         return fn(x, dims, keepdim)
@@ -346,8 +356,8 @@ def _mean(x, dims, keepdim):
 _REDUCE = {
     "ReduceSum": lambda x, d, k: torch.sum(x, d, k, dtype=x.dtype),
     "ReduceMean": _mean,
-    "ReduceMax": _reduce_max_min(torch.amax, float("-inf")),
-    "ReduceMin": _reduce_max_min(torch.amin, float("inf")),
+    "ReduceMax": _reduce_max_min(torch.amax, largest=True),
+    "ReduceMin": _reduce_max_min(torch.amin, largest=False),
     "ReduceProd": _prod,
     "ReduceL1": lambda x, d, k: torch.sum(x.abs(), d, k),
     "ReduceL2": lambda x, d, k: torch.sqrt(torch.sum(x * x, d, k)),

@@ -105,13 +105,13 @@ _ONNX_TO_TORCH = {
     onnx.TensorProto.INT8: torch.int8,
     onnx.TensorProto.UINT8: torch.uint8,
     onnx.TensorProto.INT16: torch.int16,
-    onnx.TensorProto.UINT16: torch.uint16,
     onnx.TensorProto.INT32: torch.int32,
-    onnx.TensorProto.UINT32: torch.uint32,
     onnx.TensorProto.INT64: torch.int64,
-    onnx.TensorProto.UINT64: torch.uint64,
     onnx.TensorProto.BOOL: torch.bool,
 }
+# torch has uint16/32/64 dtypes but almost no kernels for them: refuse rather than crash.
+_REFUSED_NUMPY_KINDS = "SUcOV"
+_REFUSED_NUMPY_TYPES = {np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.uint64)}
 
 
 def torch_dtype(onnx_type: int, node: Node | None = None) -> torch.dtype:
@@ -125,7 +125,7 @@ def torch_dtype(onnx_type: int, node: Node | None = None) -> torch.dtype:
 
 def as_tensor(array: np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
     """numpy -> torch without surprises (copies read-only arrays, keeps 0-d shapes)."""
-    if array.dtype == object or array.dtype.kind in "SUc":
+    if array.dtype.kind in _REFUSED_NUMPY_KINDS or array.dtype in _REFUSED_NUMPY_TYPES:
         raise UnsupportedNodeError(f"tensor type {array.dtype} is not supported")
     return torch.from_numpy(np.array(array, copy=True)).to(device)
 
