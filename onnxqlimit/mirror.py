@@ -158,6 +158,8 @@ class Mirror(nn.Module):
             except (RuntimeError, ValueError, IndexError, KeyError) as err:
                 raise RuntimeError(f"{node.op_type} node '{node.name}' failed: {err}") from err
             results = result if isinstance(result, (tuple, list)) else (result,)
+            if not node.inputs:  # Constant & co. have no input to take a device from
+                results = [r.to(self.device) if isinstance(r, torch.Tensor) else r for r in results]
             for name, value in zip(node.outputs, results):
                 if name:
                     self._put(env, name, value)

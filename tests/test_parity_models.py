@@ -14,7 +14,7 @@ import pytest
 from onnxqlimit import LoadConfig, Mirror, load_model
 from onnxqlimit.data import load_npz
 from onnxqlimit.parity import check_mirror, format_parity
-from tests.conftest import MODELS
+from tests.conftest import MODELS, paddle_text_image
 
 RNG = np.random.default_rng(0)
 
@@ -28,13 +28,12 @@ def assert_parity(path, feeds_list, simplify=True):
 
 
 def image(*shape):
-    # Paddle models expect normalised images: roughly N(0, 1) per channel.
     return RNG.standard_normal(shape).astype(np.float32)
 
 
 # Several input sizes per model: their spatial dims are dynamic.
 PPOCR_SHAPES = {
-    "det": [(1, 3, 640, 640), (1, 3, 320, 480)],
+    "det": [(1, 3, 640, 640), (1, 3, 960, 736)],
     "rec": [(1, 3, 48, 320), (2, 3, 48, 480)],
     "cls": [(4, 3, 48, 192)],
 }
@@ -42,7 +41,7 @@ PPOCR_SHAPES = {
 
 @pytest.mark.parametrize("name", ["det", "rec", "cls"])
 def test_ppocr_parity(ppocr, name):
-    feeds = [{"x": image(*shape)} for shape in PPOCR_SHAPES[name]]
+    feeds = [{"x": paddle_text_image(*shape[:1], *shape[2:], seed=i)} for i, shape in enumerate(PPOCR_SHAPES[name])]
     assert_parity(ppocr[name], feeds)
 
 
@@ -52,7 +51,8 @@ def test_ppocr_parity_without_simplifier(ppocr, name):
     loaded = load_model(ppocr[name], LoadConfig(simplify=False))
     assert not any(n.op_type == "Constant" and n.output[0] in {i for m in loaded.graph.node for i in m.input
                                                                  if m.op_type == "Conv"} for n in loaded.graph.node)
-    assert_parity(ppocr[name], [{"x": image(*PPOCR_SHAPES[name][0])}], simplify=False)
+    shape = PPOCR_SHAPES[name][0]
+    assert_parity(ppocr[name], [{"x": paddle_text_image(shape[0], *shape[2:])}], simplify=False)
 
 
 def test_ppocr_rec_keeps_its_character_dictionary(ppocr):
