@@ -14,7 +14,8 @@ import pytest
 from onnxqlimit import LoadConfig, Mirror, load_model
 from onnxqlimit.data import load_npz
 from onnxqlimit.parity import check_mirror, format_parity
-from tests.conftest import MODELS, paddle_text_image
+from tests.conftest import MODELS
+from tools.synthetic import paddle_text_image
 
 RNG = np.random.default_rng(0)
 
