@@ -1,4 +1,4 @@
-"""Command line: `onnxqlimit inspect MODEL.onnx [--check [--data X.npz]]`."""
+"""Command line: `onnxqlimit inspect` and `onnxqlimit quantize`."""
 from __future__ import annotations
 
 import argparse
@@ -41,7 +41,81 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=D0,D1,...",
                      help="shape of random inputs for dynamic models (repeatable)")
     ins.set_defaults(run=_inspect)
+
+    q = sub.add_parser("quantize", help="quantize a model and write a QDQ ONNX file")
+    q.add_argument("model", help="FP32 ONNX model")
+    q.add_argument("-o", "--output", required=True, help="where to write the quantized model")
+    q.add_argument("--calib", required=True, help=".npz keyed by input name, or a folder of images (with --preprocess)")
+    q.add_argument("--preprocess", help="for image folders: 'size=H,W;mean=a,b,c;std=a,b,c;scale=255;layout=NCHW;color=RGB'")
+    q.add_argument("--wbits", type=int, default=8, help="weight bits, 2..8 (default 8)")
+    q.add_argument("--abits", type=int, default=8, help="activation bits, 2..8 or 16 (default 8)")
+    q.add_argument("--method", default="rtn", help="rtn (round to nearest)")
+    q.add_argument("--calib-size", type=_positive, default=256, help="calibration samples to use (default 256)")
+    q.add_argument("--batch-size", type=_positive, default=32)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    q.add_argument("--report", help="write a JSON report (per-node bits, scales, SQNR; sizes; parity)")
+    q.add_argument("--first-last-bits", default="8", help="bits of the first and last compute layers: 8 (default) or 'same'")
+    q.add_argument("--exclude", action="append", default=[], metavar="NAME_OR_REGEX", help="leave matching nodes float (repeatable)")
+    q.add_argument("--bits", default="", metavar="NAME_OR_REGEX=W/A,...", help="per-node bit overrides")
+    q.add_argument("--weight-init", choices=["mse", "minmax"], default="mse")
+    q.add_argument("--act-init", choices=["mse", "minmax", "percentile"], default="mse")
+    q.add_argument("--percentile", type=float, default=99.99)
+    q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default per output channel)")
+    q.add_argument("--weight-asymmetric", action="store_true", help="unsigned weights with a zero point")
+    q.add_argument("--act-symmetric", action="store_true", help="signed activations, zero point 0")
+    q.add_argument("--quantize-add", action="store_true", help="also quantize residual Add inputs")
+    q.add_argument("--quantize-concat", action="store_true", help="also quantize Concat inputs")
+    q.add_argument("--quantize-attention", action="store_true", help="also quantize MatMuls of two activations")
+    q.add_argument("--no-simplify", action="store_true", help="skip onnxsim simplification")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(run=_quantize)
     return parser
+
+
+def parse_bit_overrides(text: str) -> tuple[tuple[str, int, int], ...]:
+    """'conv1=8/8,layer4.*=4/8' -> (('conv1', 8, 8), ('layer4.*', 4, 8))."""
+    overrides = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        pattern, sep, bits = item.rpartition("=")
+        w, slash, a = bits.partition("/")
+        if not sep or not pattern or not slash or not (w.isdigit() and a.isdigit()):
+            raise QLimitError(f"--bits: expected NAME_OR_REGEX=W/A, got {item!r}")
+        overrides.append((pattern, int(w), int(a)))
+    return tuple(overrides)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from .quant.policy import QuantConfig
+    from .quantize import RunOptions, quantize, write_report
+
+    if args.first_last_bits not in ("same",) and not args.first_last_bits.isdigit():
+        raise QLimitError(f"--first-last-bits must be a bit width or 'same' (got {args.first_last_bits!r})")
+    config = QuantConfig(
+        wbits=args.wbits, abits=args.abits, weight_symmetric=not args.weight_asymmetric,
+        weight_per_channel=not args.per_tensor, weight_init=args.weight_init, act_symmetric=args.act_symmetric,
+        act_init=args.act_init, percentile=args.percentile,
+        first_last_bits=None if args.first_last_bits == "same" else int(args.first_last_bits),
+        quantize_add=args.quantize_add, quantize_concat=args.quantize_concat,
+        quantize_act_matmul=args.quantize_attention, exclude=tuple(args.exclude),
+        overrides=parse_bit_overrides(args.bits))
+    options = RunOptions(method=args.method, calib_size=args.calib_size, batch_size=args.batch_size, seed=args.seed,
+                         device=args.device, simplify=not args.no_simplify, preprocess=args.preprocess,
+                         progress=not args.quiet)
+    result = quantize(args.model, args.output, args.calib, config, options)
+    r = result.report
+    sizes = r["size_bytes"]
+    print(f"wrote {result.output_path}: W{args.wbits}A{args.abits} ({args.method}), opset {r['opset']}, "
+          f"{r['quantizers']['weights']} weight and {r['quantizers']['activations']} activation quantizers")
+    print(f"size: {sizes['float'] / 1e6:.2f} MB -> {sizes['quantized'] / 1e6:.2f} MB ({sizes['ratio']:.1%}); "
+          f"time {r['seconds']:.1f} s")
+    for p in r["parity"]:
+        print(f"parity {p['output']}: max|diff|/range {p['max_diff_over_range']:.2e}, "
+              f"within one step {p['within_one_step']:.2%}")
+    if args.report:
+        write_report(r, args.report)
+        print(f"report: {args.report}")
+    return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:

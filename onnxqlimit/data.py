@@ -80,3 +80,101 @@ def fixed_batch_size(model: onnx.ModelProto) -> int | None:
     sizes = {input_shape(v)[0] for v in graph_inputs(model) if input_shape(v)}
     static = {s for s in sizes if isinstance(s, int) and s > 0}
     return min(static) if static else None
+
+
+# ------------------------------------------------------------------ calibration sources
+
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def from_reader(reader, input_names: list[str], limit: int) -> dict[str, np.ndarray]:
+    """Drain an onnxruntime.quantization.CalibrationDataReader (anything with get_next())."""
+    chunks: dict[str, list[np.ndarray]] = {n: [] for n in input_names}
+    count = 0
+    while count < limit:
+        item = reader.get_next()
+        if item is None:
+            break
+        missing = [n for n in input_names if n not in item]
+        if missing:
+            raise QLimitError(f"calibration reader gave no array for input(s) {', '.join(missing)}")
+        for name in input_names:
+            chunks[name].append(np.asarray(item[name]))
+        count += len(chunks[input_names[0]][-1])
+    if count == 0:
+        raise QLimitError("calibration reader gave no data")
+    return {n: np.concatenate(v)[:limit] for n, v in chunks.items()}
+
+
+def parse_preprocess(spec: str) -> dict:
+    """'size=H,W;mean=a,b,c;std=a,b,c;scale=255;layout=NCHW;color=RGB' -> options."""
+    options = {"size": None, "mean": [0.0], "std": [1.0], "scale": 255.0, "layout": "NCHW", "color": "RGB"}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        key, sep, value = part.partition("=")
+        key = key.strip().lower()
+        if not sep or key not in options:
+            raise QLimitError(f"--preprocess: unknown or malformed item {part!r} (keys: {', '.join(options)})")
+        try:
+            if key == "size":
+                options[key] = [int(v) for v in value.split(",")]
+                if len(options[key]) != 2:
+                    raise ValueError
+            elif key in ("mean", "std"):
+                options[key] = [float(v) for v in value.split(",")]
+            elif key == "scale":
+                options[key] = float(value)
+            else:
+                options[key] = value.strip().upper()
+        except ValueError:
+            raise QLimitError(f"--preprocess: bad value in {part!r}") from None
+    if options["layout"] not in ("NCHW", "NHWC") or options["color"] not in ("RGB", "BGR", "GRAY"):
+        raise QLimitError("--preprocess: layout must be NCHW|NHWC and color RGB|BGR|GRAY")
+    return options
+
+
+def from_image_folder(folder: Path, preprocess: str | None, input_names: list[str], limit: int) -> dict[str, np.ndarray]:
+    if len(input_names) != 1:
+        raise QLimitError("an image folder can only feed a model with a single input")
+    if not preprocess:
+        raise QLimitError("an image folder needs --preprocess 'size=H,W;mean=...;std=...'")
+    options = parse_preprocess(preprocess)
+    if options["size"] is None:
+        raise QLimitError("--preprocess needs size=H,W")
+    try:
+        from PIL import Image
+    except ImportError:
+        raise QLimitError("reading image folders needs Pillow: pip install pillow") from None
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)[:limit]
+    if not files:
+        raise QLimitError(f"{folder}: no images found ({', '.join(sorted(_IMAGE_SUFFIXES))})")
+    h, w = options["size"]
+    mode = "L" if options["color"] == "GRAY" else "RGB"
+    arrays = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                arr = np.asarray(img.convert(mode).resize((w, h), Image.BILINEAR), np.float32)
+        except OSError as err:
+            raise QLimitError(f"{path}: cannot read image ({err})") from None
+        arr = arr[..., None] if arr.ndim == 2 else arr
+        if options["color"] == "BGR":
+            arr = arr[..., ::-1]
+        arr = (arr / options["scale"] - np.array(options["mean"], np.float32)) / np.array(options["std"], np.float32)
+        arrays.append(arr.transpose(2, 0, 1) if options["layout"] == "NCHW" else arr)
+    return {input_names[0]: np.stack(arrays).astype(np.float32)}
+
+
+def calibration_feeds(source, input_names: list[str], limit: int, preprocess: str | None = None) -> dict[str, np.ndarray]:
+    """Calibration samples from a .npz path, an image folder, a dict of arrays or a
+    CalibrationDataReader; at most `limit` samples."""
+    if hasattr(source, "get_next"):
+        return from_reader(source, input_names, limit)
+    if isinstance(source, Mapping):
+        missing = [n for n in input_names if n not in source]
+        if missing:
+            raise QLimitError(f"calibration data has no array for input(s) {', '.join(missing)}")
+        return {n: np.asarray(source[n])[:limit] for n in input_names}
+    path = Path(source)
+    if path.is_dir():
+        return from_image_folder(path, preprocess, input_names, limit)
+    return {k: v[:limit] for k, v in load_npz(path, input_names).items()}

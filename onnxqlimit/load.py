@@ -68,12 +68,25 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, config: LoadConfig |
         constants_to_initializers(model.graph)
     if config.fold_batchnorm:
         fold_batchnorm(model.graph)
+    _name_nodes(model.graph)
     model = _infer_shapes(model)
 
     del model.metadata_props[:]
     for key, value in metadata:
         model.metadata_props.add(key=key, value=value)
     return model
+
+
+def _name_nodes(graph: onnx.GraphProto) -> None:
+    """Give unnamed nodes unique names: reports, --exclude and --bits refer to nodes by name."""
+    taken = {n.name for n in graph.node if n.name}
+    for index, node in enumerate(graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
 
 
 def _first_line(err: BaseException) -> str:

@@ -103,7 +103,8 @@ class Mirror(nn.Module):
         """Route the tensor `name` through `module` wherever it is read (None removes)."""
         key = self._hook_keys.get(name) or _safe_key(name, set(self.hooks.keys()))
         if module is None:
-            self.hooks.pop(key, None)
+            if key in self.hooks:
+                del self.hooks[key]
             self._hook_keys.pop(name, None)
             return
         self._hook_keys[name] = key

@@ -1,0 +1,173 @@
+"""Where quantizers stand: the placement policy, in one place.
+
+Default (docs/quantization.md): the constant weight of every Conv, ConvTranspose, Gemm
+and MatMul, and the activation inputs of those ops. Flags add residual-Add inputs,
+Concat inputs and activation-by-activation MatMuls (attention). Everything else
+(LayerNorm, Softmax, Resize, shape ops, graph outputs) stays float. The first and last
+compute layers keep 8-bit weights and inputs unless told otherwise, as in the paper.
+Each point becomes one FakeQuantize hook in the mirror and one Q/DQ pair in the file.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import onnx
+
+from ..errors import QLimitError
+from .fake_quant import QuantSpec
+
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
+@dataclass
+class QuantConfig:
+    wbits: int = 8
+    abits: int = 8
+    weight_symmetric: bool = True
+    weight_per_channel: bool = True
+    weight_init: str = "mse"  # mse | minmax
+    act_symmetric: bool = False
+    act_init: str = "mse"  # mse | minmax | percentile
+    percentile: float = 99.99
+    first_last_bits: int | None = 8  # None: first/last layers use wbits/abits like the rest
+    quantize_add: bool = False  # inputs of Adds of two activations (residual joins)
+    quantize_concat: bool = False
+    quantize_act_matmul: bool = False  # MatMul of two activations (attention scores/context)
+    exclude: tuple[str, ...] = ()  # node names or regexes (full match) left float
+    overrides: tuple[tuple[str, int, int], ...] = ()  # (node name or regex, wbits, abits)
+
+    def __post_init__(self):
+        for name, bits in (("wbits", self.wbits), ("abits", self.abits)):
+            if bits not in (2, 3, 4, 5, 6, 7, 8) and not (name == "abits" and bits == 16):
+                raise QLimitError(f"{name} must be 2..8 (activations also 16), got {bits}")
+        for pattern in self.exclude + tuple(p for p, *_ in self.overrides):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise QLimitError(f"bad node pattern {pattern!r}: {err}") from None
+
+    def all_bits(self) -> set[int]:
+        bits = {self.wbits, self.abits} | {b for _, w, a in self.overrides for b in (w, a)}
+        return bits | ({self.first_last_bits} if self.first_last_bits else set())
+
+
+@dataclass
+class QuantPoint:
+    tensor: str  # the ONNX tensor the Q/DQ pair stands on
+    kind: str  # "weight" | "activation"
+    spec: QuantSpec
+    consumers: list[str] = field(default_factory=list)  # names of the nodes whose input it is
+
+
+def _matches(patterns, node: onnx.NodeProto) -> bool:
+    names = [node.name, *node.output]
+    return any(re.fullmatch(p, n) for p in patterns for n in names if n)
+
+
+def _weight_axis(node: onnx.NodeProto, weight_index: int, rank: int) -> int:
+    """The output-channel axis of a weight, for per-channel scales."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    return rank - 1 if weight_index == 1 else rank - 2  # MatMul: the axis that survives in the output
+
+
+def plan(model: onnx.ModelProto, config: QuantConfig) -> list[QuantPoint]:
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    float_acts = _float_tensors(model)
+    compute = [n for n in graph.node if n.op_type in COMPUTE_OPS and not _matches(config.exclude, n)]
+    first, last = _first_and_last(graph)
+
+    def bits_for(node) -> tuple[int, int]:
+        wbits, abits = config.wbits, config.abits
+        for pattern, w, a in config.overrides:
+            if _matches([pattern], node):
+                wbits, abits = w, a
+        if config.first_last_bits and (node.name in first or node.name in last):
+            wbits, abits = max(wbits, config.first_last_bits), max(abits, config.first_last_bits)
+        return wbits, abits
+
+    weights: dict[str, QuantPoint] = {}
+    acts: dict[str, QuantPoint] = {}
+
+    def add_act(tensor: str, bits: int, node) -> None:
+        if tensor in inits or tensor in outputs or tensor not in float_acts:
+            return
+        point = acts.get(tensor)
+        if point is None:
+            acts[tensor] = QuantPoint(tensor, "activation", QuantSpec(bits, config.act_symmetric), [node.name])
+        else:  # a tensor read by several quantized ops gets the widest width asked for
+            point.consumers.append(node.name)
+            if bits > point.spec.bits:
+                point.spec = QuantSpec(bits, config.act_symmetric)
+
+    for node in compute:
+        wbits, abits = bits_for(node)
+        data_inputs = list(node.input[:2])
+        weight_index = next((i for i in (1, 0) if i < len(data_inputs) and data_inputs[i] in inits
+                             and inits[data_inputs[i]].data_type in _FLOAT_TYPES), None)
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm") and weight_index != 1:
+            weight_index = None  # only B/W is a weight for these; a constant A is left alone
+        if weight_index is not None:
+            name = data_inputs[weight_index]
+            rank = len(inits[name].dims)
+            axis = _weight_axis(node, weight_index, rank) if config.weight_per_channel and rank > 1 else None
+            spec = QuantSpec(wbits, config.weight_symmetric, axis)
+            if name in weights:  # shared weight: keep one quantizer, the widest
+                weights[name].consumers.append(node.name)
+                if wbits > weights[name].spec.bits:
+                    weights[name].spec = spec
+            else:
+                weights[name] = QuantPoint(name, "weight", spec, [node.name])
+        activation_inputs = [t for i, t in enumerate(data_inputs) if i != weight_index and t]
+        if node.op_type == "MatMul" and weight_index is None and not config.quantize_act_matmul:
+            continue  # activation x activation (attention) stays float unless asked for
+        for tensor in activation_inputs:
+            add_act(tensor, abits, node)
+
+    extra_ops = {"Add"} if config.quantize_add else set()
+    extra_ops |= {"Concat"} if config.quantize_concat else set()
+    for node in graph.node:
+        if node.op_type in extra_ops and not _matches(config.exclude, node):
+            inputs = [t for t in node.input if t and t not in inits]
+            if node.op_type == "Add" and len(inputs) < 2:
+                continue  # bias-like Add of a constant is not a join
+            for tensor in inputs:
+                add_act(tensor, bits_for(node)[1], node)
+    return list(weights.values()) + list(acts.values())
+
+
+def _float_tensors(model: onnx.ModelProto) -> set[str]:
+    """Tensors known (by shape inference) to be float; unknown types are left out."""
+    graph = model.graph
+    typed = list(graph.value_info) + list(graph.input) + list(graph.output)
+    return {v.name for v in typed if v.type.tensor_type.elem_type in _FLOAT_TYPES}
+
+
+def _first_and_last(graph: onnx.GraphProto) -> tuple[set[str], set[str]]:
+    """Compute nodes with no compute node before them / after them on any path."""
+    after_compute: dict[str, bool] = {}  # tensor -> some compute node lies upstream
+    first = set()
+    for node in graph.node:
+        upstream = any(after_compute.get(t, False) for t in node.input)
+        if node.op_type in COMPUTE_OPS and not upstream:
+            first.add(node.name)
+        for out in node.output:
+            after_compute[out] = upstream or node.op_type in COMPUTE_OPS
+    before_compute: dict[str, bool] = {}  # tensor -> some compute node lies downstream
+    last = set()
+    for node in reversed(graph.node):
+        downstream = any(before_compute.get(t, False) for t in node.output)
+        if node.op_type in COMPUTE_OPS and not downstream:
+            last.add(node.name)
+        for t in node.input:
+            before_compute[t] = before_compute.get(t, False) or downstream or node.op_type in COMPUTE_OPS
+    return first, last

@@ -1,0 +1,123 @@
+"""The pipeline, in one screen: load -> mirror -> calibrate -> reconstruct -> export -> validate."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from .calibrate import attach_quantizers, calibrate
+from .data import batches, calibration_feeds, fixed_batch_size
+from .errors import QLimitError
+from .export import export_qdq, required_opset
+from .load import LoadConfig, load_model, read_model
+from .mirror import Mirror
+from .parity import check_integers, check_mirror, format_parity
+from .quant.policy import QuantConfig, plan
+from .report import build_report
+
+log = logging.getLogger("onnxqlimit")
+
+METHODS = ("rtn",)  # reconstruction methods (adaround, brecq, qdrop) plug in after calibrate()
+
+
+@dataclass
+class RunOptions:
+    method: str = "rtn"
+    calib_size: int = 256
+    batch_size: int = 32
+    seed: int = 0
+    device: str = "auto"
+    simplify: bool = True
+    preprocess: str | None = None  # for image-folder calibration
+    parity_samples: int = 32
+    progress: bool = True
+
+
+@dataclass
+class QuantizeResult:
+    output_path: Path
+    report: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise QLimitError("--device cuda: torch sees no CUDA device (install a CUDA build of torch)")
+    if name not in ("cpu", "cuda"):
+        raise QLimitError(f"--device must be auto, cpu or cuda (got {name!r})")
+    return torch.device(name)
+
+
+def quantize(model, output_path, calibration, config: QuantConfig | None = None,
+             options: RunOptions | None = None) -> QuantizeResult:
+    """Quantize `model` (path or ModelProto) with `calibration` (.npz path, image folder,
+    dict of arrays or an onnxruntime CalibrationDataReader) and write a QDQ model."""
+    config, options = config or QuantConfig(), options or RunOptions()
+    if options.method not in METHODS:
+        raise QLimitError(f"--method {options.method!r} is not available (choose from {', '.join(METHODS)})")
+    started = time.perf_counter()
+    torch.manual_seed(options.seed)
+    device = resolve_device(options.device)
+
+    original = read_model(model)
+    loaded = load_model(original, LoadConfig(simplify=options.simplify, min_opset=required_opset(config.all_bits())))
+    mirror = Mirror(loaded).to(device)
+    feeds = calibration_feeds(calibration, mirror.input_names, options.calib_size, options.preprocess)
+    calib_batches = list(batches(feeds, options.batch_size))
+
+    points = plan(loaded, config)
+    if not points:
+        raise QLimitError("nothing to quantize: the model has no Conv/ConvTranspose/Gemm/MatMul with float weights")
+    quantizers = attach_quantizers(mirror, points)
+    calibrate(mirror, points, quantizers, calib_batches, config, progress=options.progress)
+    # Reconstruction (BRECQ/QDrop) and mixed precision will run here, on the same quantizers.
+
+    qmodel = export_qdq(loaded, mirror, points, quantizers)
+    parity_feeds = {k: v[: options.parity_samples] for k, v in feeds.items()}
+    parity = check_mirror(qmodel, mirror, parity_feeds, batch_size=options.batch_size)
+    act_tensors = [p.tensor for p in points if p.kind == "activation"]
+    flips = check_integers(qmodel, quantizers, act_tensors,
+                           next(batches(parity_feeds, fixed_batch_size(loaded) or 8)))
+    if not (all(r.ok_quantized for r in parity) and flips.ok):
+        raise QLimitError("exported model does not reproduce the quantized mirror in onnxruntime "
+                          f"({flips.flipped:.2%} of activation integers differ):\n" + format_parity(parity, quantized=True))
+    output_path = Path(output_path)
+    save_atomically(qmodel, output_path)
+    report = build_report(original, qmodel, output_path, mirror, points, quantizers, parity_feeds, parity,
+                          config, asdict(options), time.perf_counter() - started)
+    report["integer_parity"] = asdict(flips)
+    return QuantizeResult(output_path, report)
+
+
+def save_atomically(model: onnx.ModelProto, path: Path) -> None:
+    """Write to a temporary file beside `path`, then rename: never a half-written model."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(report: dict, path) -> None:
+    Path(path).write_text(json.dumps(report, indent=2, default=_jsonable))
+
+
+def _jsonable(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(type(value).__name__)
