@@ -1,9 +1,9 @@
 """Mirror-vs-onnxruntime comparison: the check that what we compute is what ships.
 
 Two uses: the float mirror against the user's original file (tolerance 1e-4 of each
-output's magnitude), and the quantized mirror against the exported QDQ file, where a
-rounding tie decided differently (float summation order) may flip one integer level
-upstream; there we require nearly all elements within one output step (range / 255).
+output's magnitude), and the quantized mirror against the exported QDQ file: there every
+activation quantizer must produce onnxruntime's integers from onnxruntime's own input
+(check_integers), and the outputs must not drift grossly (ties compound; see below).
 """
 from __future__ import annotations
 
@@ -21,13 +21,14 @@ from .mirror import Mirror
 # Relative to the largest reference magnitude of each output: float32 summation order
 # differences between torch and onnxruntime stay ~1e-6 of that on real models.
 DEFAULT_TOLERANCE = 1e-4
-# Quantized parity, end to end: share of output elements within one output step
-# (range / 255). A rounding tie decided differently (torch and onnxruntime sum in
-# different orders) flips one activation integer, and flips compound layer by layer: on
-# the trained zoo MobileNetV2 0.2% of activation integers differ at W8A8, on a random-
-# weight ResNet-18 40% by its last block, while its logits stay 99.997% within one step.
-# The exact test is check_integers below; this bound catches gross divergence only.
-QUANTIZED_MIN_WITHIN_STEP = 0.95
+# Quantized parity, end to end. A rounding tie decided differently (torch and onnxruntime
+# sum in different orders) flips one activation integer, and flips compound layer by
+# layer: on PP-OCR cls at W8A8 none differ in the first 35 quantizers and 8% in the last,
+# moving one near-tie softmax output by 0.008; on a random-weight ResNet-18 40% differ by
+# its last block. So outputs are reported (max, mean, share within one step of range/255)
+# but only gross divergence fails here: mean |diff| above 1% of the output's scale. The
+# exact test is check_integers below.
+QUANTIZED_MAX_MEAN_DIFF = 0.01
 # Share of activation integers allowed to differ when onnxruntime's QuantizeLinear and the
 # mirror's quantizer see the same float input: both divide in IEEE float32 and round half
 # to even, so this is exact in practice; a wrong scale, zero point or clamp moves most.
@@ -40,7 +41,7 @@ class OutputParity:
     max_abs_diff: float
     mean_abs_diff: float
     max_abs_ref: float
-    ref_range: float
+    ref_range: float  # max(range, max|ref|) of the reference output
     within_step: float  # share of elements with |diff| <= ref_range / 255
     tolerance: float = DEFAULT_TOLERANCE
 
@@ -54,7 +55,7 @@ class OutputParity:
 
     @property
     def ok_quantized(self) -> bool:
-        return self.within_step >= QUANTIZED_MIN_WITHIN_STEP
+        return self.mean_abs_diff <= QUANTIZED_MAX_MEAN_DIFF * (self.ref_range or 1.0)
 
 
 def ort_session(model: onnx.ModelProto | str | bytes, optimize: bool = False) -> ort.InferenceSession:
@@ -91,7 +92,9 @@ def check_mirror(reference: onnx.ModelProto | str, mirror: Mirror, feeds: Mappin
         if ref.size == 0:
             rows.append(OutputParity(name, 0.0, 0.0, 0.0, 0.0, 1.0, tolerance))
             continue
-        span = float(ref.max() - ref.min())
+        # The output's scale: its range, or its magnitude when all samples agree closely
+        # (two-class softmax on similar inputs spans 0.01 yet lives on [0, 1]).
+        span = max(float(ref.max() - ref.min()), float(np.abs(ref).max()))
         rows.append(OutputParity(name, float(diff.max()), float(diff.mean()), float(np.abs(ref).max()), span,
                                  float(np.mean(diff <= span / 255)), tolerance))
     return rows
@@ -131,8 +134,10 @@ def check_integers(qmodel: onnx.ModelProto, quantizers: Mapping, tensors: list[s
     probe.CopyFrom(qmodel)
     existing = {o.name for o in probe.graph.output}
     names = []
-    for name in tensors:  # export names each activation's QuantizeLinear output <tensor>_quantized
-        names += [name, f"{name}_quantized"]
+    # export names each activation's DequantizeLinear output <tensor>_dequantized; the
+    # integers themselves cannot be fetched (onnxruntime has no numpy type for int4/int2)
+    for name in tensors:
+        names += [name, f"{name}_dequantized"]
     for name in names:
         if name not in existing:
             probe.graph.output.add(name=name)
@@ -142,8 +147,10 @@ def check_integers(qmodel: onnx.ModelProto, quantizers: Mapping, tensors: list[s
         for name in tensors:
             q = quantizers[name]
             x = torch.from_numpy(values[name]).to(q.scale.device)
-            ints = q.quantize(x).cpu().numpy().astype(np.int64)
-            diff = np.abs(ints - values[f"{name}_quantized"].astype(np.int64))
+            ints = q.quantize(x)
+            dequantized = torch.from_numpy(values[f"{name}_dequantized"]).to(q.scale.device)
+            theirs = torch.round(dequantized / q.scale.reshape(()) + q.zero_point.reshape(()))
+            diff = (ints - theirs).abs().cpu().numpy()
             total += diff.size
             flipped += int((diff > 0).sum())
             beyond += int((diff > 1).sum())

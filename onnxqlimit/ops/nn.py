@@ -260,6 +260,20 @@ def _layer_norm(node: Node):
     return run
 
 
+@register("RMSNormalization")
+def _rms_norm(node: Node):
+    # onnxsim fuses ReduceMean(x^2)/Sqrt/Div patterns into this op at opset >= 23.
+    axis, eps = node.attr("axis", -1), node.attr("epsilon", 1e-5)
+
+    def run(x, scale):
+        dims = tuple(range(norm_axis(axis, x.dim()), x.dim()))
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps)
+        return y.to(x.dtype) * scale
+
+    return run
+
+
 @register("GroupNormalization")
 def _group_norm(node: Node):
     eps, groups = node.attr("epsilon", 1e-5), node.attr("num_groups")

@@ -39,7 +39,9 @@ class QuantConfig:
     overrides: tuple[tuple[str, int, int], ...] = ()  # (node name or regex, wbits, abits)
 
     def __post_init__(self):
-        for name, bits in (("wbits", self.wbits), ("abits", self.abits)):
+        widths = [("wbits", self.wbits), ("abits", self.abits)]
+        widths += [(kind, bits) for _, w, a in self.overrides for kind, bits in (("wbits", w), ("abits", a))]
+        for name, bits in widths:
             if bits not in (2, 3, 4, 5, 6, 7, 8) and not (name == "abits" and bits == 16):
                 raise QLimitError(f"{name} must be 2..8 (activations also 16), got {bits}")
         for pattern in self.exclude + tuple(p for p, *_ in self.overrides):

@@ -1,0 +1,177 @@
+"""Quantize and write back: QDQ files onnxruntime runs, parity with the quantized mirror,
+real low-bit types, accuracy at W8A8, calibration sources, bad input."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto
+
+from onnxqlimit.cli import main
+from onnxqlimit.parity import ort_session
+from onnxqlimit.quant.policy import QuantConfig
+from onnxqlimit.quantize import RunOptions, quantize
+from tests.conftest import MODELS
+from tools.synthetic import paddle_text_image
+
+BITS = [(8, 8), (4, 4), (3, 3), (2, 4)]
+FAST = RunOptions(calib_size=16, batch_size=8, parity_samples=8, progress=False)
+
+
+def zoo_calib(name: str) -> str:
+    return str(MODELS / f"{name}_calib.npz")
+
+
+def assert_parity_report(report: dict) -> None:
+    # quantize() raises when parity is lost; check the numbers it reports too.
+    assert report["integer_parity"]["flipped"] <= 1e-4
+    for row in report["parity"]:
+        assert row["mean_diff_over_range"] <= 0.01, row
+
+
+def weight_types(path) -> dict[str, int]:
+    model = onnx.load(str(path))
+    return {t.name: t.data_type for t in model.graph.initializer if t.name.endswith("_quantized")}
+
+
+@pytest.mark.parametrize("wbits,abits", BITS)
+@pytest.mark.parametrize("name", ["zoo_resnet", "zoo_mobilenetv2"])
+def test_zoo_parity_at_every_width(tmp_path, name, wbits, abits):
+    out = tmp_path / "q.onnx"
+    result = quantize(MODELS / f"{name}.onnx", out, zoo_calib(name), QuantConfig(wbits=wbits, abits=abits), FAST)
+    assert_parity_report(result.report)
+    ort_session(str(out), optimize=True)  # loads with onnxruntime's default optimisations too
+    expected = {2: TensorProto.INT2, 3: TensorProto.INT4, 4: TensorProto.INT4, 8: TensorProto.INT8}[wbits]
+    types = set(weight_types(out).values())
+    assert expected in types  # inner layers at the asked width; first/last stay 8-bit
+    assert result.report["size_bytes"]["ratio"] < (0.35 if wbits == 8 else 0.25)
+
+
+def test_three_bit_weights_use_only_eight_levels(tmp_path):
+    out = tmp_path / "q.onnx"
+    quantize(MODELS / "zoo_resnet.onnx", out, zoo_calib("zoo_resnet"), QuantConfig(wbits=3, abits=3), FAST)
+    model = onnx.load(str(out))
+    values = np.concatenate([onnx.numpy_helper.to_array(t).astype(np.int64).ravel() for t in model.graph.initializer
+                             if t.name.endswith("_quantized") and t.data_type == TensorProto.INT4])
+    assert values.min() >= -4 and values.max() <= 3
+    assert any(n.op_type == "Min" and n.name.endswith("_Min") for n in model.graph.node)  # activation clamp
+
+
+@pytest.mark.parametrize("name", ["zoo_resnet", "zoo_mobilenetv2"])
+def test_w8a8_within_one_point_of_float(tmp_path, name):
+    import json
+
+    entry = next(m for m in json.loads((MODELS / "zoo.json").read_text())["models"] if m["name"] == name)
+    out = tmp_path / "q.onnx"
+    quantize(MODELS / f"{name}.onnx", out, zoo_calib(name), QuantConfig(wbits=8, abits=8), RunOptions(progress=False))
+    val = np.load(MODELS / f"{name}_val.npz")
+    session = ort_session(str(out), optimize=True)
+    logits = np.concatenate([session.run(None, {"input": val["input"][i:i + 500]})[0] for i in range(0, len(val["label"]), 500)])
+    top1 = 100 * float((logits.argmax(1) == val["label"]).mean())
+    assert top1 >= entry["fp32_top1"] - 1.0, (top1, entry["fp32_top1"])
+
+
+PPOCR_SHAPES = {"det": (2, 3, 320, 320), "rec": (4, 3, 48, 320), "cls": (4, 3, 48, 192)}
+
+
+@pytest.mark.parametrize("wbits,abits", BITS)
+@pytest.mark.parametrize("name", ["det", "rec", "cls"])
+def test_ppocr_parity(tmp_path, ppocr, name, wbits, abits):
+    shape = PPOCR_SHAPES[name]
+    calib = {"x": paddle_text_image(shape[0], *shape[2:], seed=1)}
+    out = tmp_path / "q.onnx"
+    result = quantize(ppocr[name], out, calib, QuantConfig(wbits=wbits, abits=abits), FAST)
+    assert_parity_report(result.report)
+    if name == "rec":  # the character dictionary must survive into the quantized file
+        assert "character" in {p.key for p in onnx.load(str(out)).metadata_props}
+
+
+@pytest.fixture(scope="module")
+def torch_models(tmp_path_factory):
+    from tools.archs import export_reference_models
+
+    return export_reference_models(tmp_path_factory.mktemp("ref"), 17)
+
+
+@pytest.mark.parametrize("wbits,abits", BITS)
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "bert"])
+def test_torch_model_parity(tmp_path, torch_models, name, wbits, abits):
+    rng = np.random.default_rng(0)
+    if name == "bert":
+        mask = np.ones((8, 24), np.int64)
+        mask[::2, 16:] = 0
+        calib = {"input_ids": rng.integers(0, 1000, (8, 24)), "attention_mask": mask,
+                 "token_type_ids": np.zeros((8, 24), np.int64)}
+    else:
+        calib = {"input": rng.standard_normal((4, 3, 224, 224)).astype(np.float32)}
+    result = quantize(torch_models[name], tmp_path / "q.onnx", calib, QuantConfig(wbits=wbits, abits=abits),
+                      RunOptions(calib_size=8, batch_size=4, parity_samples=4, progress=False))
+    assert_parity_report(result.report)
+
+
+class _Reader:
+    """The onnxruntime.quantization.CalibrationDataReader protocol: get_next() -> dict | None."""
+
+    def __init__(self, arrays):
+        self.items = iter([{"input": a[None]} for a in arrays])
+
+    def get_next(self):
+        return next(self.items, None)
+
+
+def test_calibration_data_reader_is_accepted(tmp_path):
+    data = np.load(zoo_calib("zoo_resnet"))["input"][:16]
+    result = quantize(MODELS / "zoo_resnet.onnx", tmp_path / "q.onnx", _Reader(data), QuantConfig(), FAST)
+    assert_parity_report(result.report)
+
+
+def test_image_folder_calibration_via_cli(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "q.onnx"
+    code = main(["quantize", str(MODELS / "zoo_resnet.onnx"), "-o", str(out), "--calib", str(folder), "--quiet",
+                 "--preprocess", "size=32,32;mean=0,0,0;std=1,1,1;scale=255", "--wbits", "4", "--abits", "8"])
+    assert code == 0, capsys.readouterr().err
+    assert out.is_file()
+
+
+def test_exclude_and_bit_overrides_reach_the_report(tmp_path):
+    model = onnx.load(str(MODELS / "zoo_resnet.onnx"))
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    config = QuantConfig(wbits=4, abits=4, exclude=(convs[3],), overrides=((convs[5], 6, 6),))
+    report = quantize(MODELS / "zoo_resnet.onnx", tmp_path / "q.onnx", zoo_calib("zoo_resnet"), config, FAST).report
+    by_node = {n["node"]: n for n in report["nodes"]}
+    assert convs[3] not in by_node
+    assert by_node[convs[5]]["weight"]["bits"] == 6
+    assert by_node[convs[0]]["weight"]["bits"] == 8  # first layer kept at 8 bits
+    assert all("output_sqnr_db" in n for n in report["nodes"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--wbits", "9"], "wbits must be"),
+    (["--bits", "conv=4"], "--bits"),
+    (["--bits", "conv=4/12"], "abits must be"),
+    (["--exclude", "("], "bad node pattern"),
+    (["--device", "tpu"], "--device"),
+    (["--first-last-bits", "x"], "--first-last-bits"),
+    (["--method", "magic"], "--method"),
+    (["--calib", "/nonexistent.npz"], "no such data file"),
+    (["--preprocess", "size=1"], None),
+])
+def test_bad_quantize_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "q.onnx"
+    base = ["quantize", str(MODELS / "zoo_resnet.onnx"), "-o", str(out), "--quiet"]
+    if "--calib" not in argv:
+        base += ["--calib", str(tmp_path) if "--preprocess" in argv else zoo_calib("zoo_resnet")]
+    code = main(base + argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("onnxqlimit: error: ")
+    if message:
+        assert message in err
+    assert not out.exists() and not list(tmp_path.glob(".q.onnx.*"))
