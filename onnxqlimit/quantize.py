@@ -25,7 +25,8 @@ from .report import build_report
 
 log = logging.getLogger("onnxqlimit")
 
-METHODS = ("rtn",)  # reconstruction methods (adaround, brecq, qdrop) plug in after calibrate()
+METHODS = ("rtn",)
+INTEGER_CHECK_SAMPLES = 2  # reconstruction methods (adaround, brecq, qdrop) plug in after calibrate()
 
 
 @dataclass
@@ -85,8 +86,9 @@ def quantize(model, output_path, calibration, config: QuantConfig | None = None,
     parity_feeds = {k: v[: options.parity_samples] for k, v in feeds.items()}
     parity = check_mirror(qmodel, mirror, parity_feeds, batch_size=options.batch_size)
     act_tensors = [p.tensor for p in points if p.kind == "activation"]
+    # A couple of samples: every activation of the model is held at once for this check.
     flips = check_integers(qmodel, quantizers, act_tensors,
-                           next(batches(parity_feeds, fixed_batch_size(loaded) or 8)))
+                           next(batches(parity_feeds, fixed_batch_size(loaded) or INTEGER_CHECK_SAMPLES)))
     if not (all(r.ok_quantized for r in parity) and flips.ok):
         raise QLimitError("exported model does not reproduce the quantized mirror in onnxruntime "
                           f"({flips.flipped:.2%} of activation integers differ):\n" + format_parity(parity, quantized=True))

@@ -13,9 +13,10 @@ Calibration is streamed with the `CalibStridedMinMax` extra option (the reader s
 __len__/set_range): without it quantize_static keeps every intermediate tensor of every
 calibration sample in memory (PP-OCR det at 640x640 is ~0.5 GB per sample), and the
 other knob, CalibMaxIntermediateOutputs, discards the collected batches in onnxruntime
-1.32 (MinMaxCalibrater.collect_data clears them without merging their ranges). The
-stride loop gives the same ranges as one pass (min/max and histograms merge exactly for
-MinMax; Percentile histograms are re-binned on merge, as onnxruntime does for batches).
+1.32 (MinMaxCalibrater.collect_data clears them without merging their ranges: with k set,
+only the last n mod k samples count - checked on PP-OCR cls). Strides of 4 samples give
+the same MinMax ranges as one pass (checked: identical) and Percentile ranges within
+0.06% (histograms are re-binned when merged); peak memory on PP-OCR det is ~4.4 GB.
 """
 from __future__ import annotations
 
