@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper

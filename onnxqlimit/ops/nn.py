@@ -25,7 +25,7 @@ def _torch_pad(begins: list[int], ends: list[int]) -> list[int]:
 class _Window:
     """Spatial window attributes shared by Conv and the pools (strides, dilations, pads)."""
 
-    def __init__(self, node: Node, nd_hint: int | None = None):
+    def __init__(self, node: Node):
         self.node = node
         self.auto_pad = node.attr("auto_pad", "NOTSET")
         if self.auto_pad not in ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"):
