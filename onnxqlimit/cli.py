@@ -6,6 +6,7 @@ import logging
 import sys
 
 from . import __version__
+from .blocks import GRANULARITIES
 from .errors import QLimitError
 
 
@@ -40,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--samples", type=_positive, default=8, help="samples of --data to use (default 8)")
     ins.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=D0,D1,...",
                      help="shape of random inputs for dynamic models (repeatable)")
+    ins.add_argument("--blocks", action="store_true", help="list the reconstruction blocks found in the graph")
+    ins.add_argument("--granularity", choices=GRANULARITIES, default="block", help="block size for --blocks (default block)")
+    ins.add_argument("--block-layers", type=_positive, default=6, metavar="N",
+                     help="most weight layers per block at granularity block (default 6)")
     ins.set_defaults(run=_inspect)
 
     q = sub.add_parser("quantize", help="quantize a model and write a QDQ ONNX file")
@@ -49,9 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--preprocess", help="for image folders: 'size=H,W;mean=a,b,c;std=a,b,c;scale=255;layout=NCHW;color=RGB'")
     q.add_argument("--wbits", type=int, default=8, help="weight bits, 2..8 (default 8)")
     q.add_argument("--abits", type=int, default=8, help="activation bits, 2..8 or 16 (default 8)")
-    q.add_argument("--method", default="rtn", help="rtn (round to nearest)")
-    q.add_argument("--calib-size", type=_positive, default=256, help="calibration samples to use (default 256)")
-    q.add_argument("--batch-size", type=_positive, default=32)
+    q.add_argument("--method", default="qdrop", help="rtn (round to nearest) | adaround (layer-wise) | brecq (block-wise) "
+                   "| qdrop (block-wise with dropped activation quantization; default)")
+    q.add_argument("--preset", default="fast", help="fast (default: 500 iterations per block, batch 8, 256 samples) "
+                   "| paper (20000, 32, 1024)")
+    q.add_argument("--iters", type=_positive, help="reconstruction iterations per block (overrides the preset)")
+    q.add_argument("--calib-size", type=_positive, help="calibration samples to use (overrides the preset)")
+    q.add_argument("--batch-size", type=_positive, help="batch size (overrides the preset)")
+    q.add_argument("--granularity", default="block", help="reconstruction unit: layer | block (default) | stage | net")
+    q.add_argument("--block-layers", type=_positive, default=6, help="most weight layers in one block (default 6)")
+    q.add_argument("--loss", default="mse", help="mse (default) | fisher (BRECQ's Fisher-diagonal weighting)")
+    q.add_argument("--drop-prob", type=float, default=0.5,
+                   help="QDrop: probability that an activation element is quantized while tuning (default 0.5)")
+    q.add_argument("--round-lambda", type=float, default=0.01,
+                   help="AdaRound regulariser weight (default 0.01; 0.1 suits MobileNetV2-like nets)")
+    q.add_argument("--cache-gb", type=float, default=8.0,
+                   help="RAM for cached block inputs/outputs; the rest goes to temporary files (default 8)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="auto", help="auto | cpu | cuda")
     q.add_argument("--report", help="write a JSON report (per-node bits, scales, SQNR; sizes; parity)")
@@ -88,6 +106,7 @@ def parse_bit_overrides(text: str) -> tuple[tuple[str, int, int], ...]:
 def _quantize(args: argparse.Namespace) -> int:
     from .quant.policy import QuantConfig
     from .quantize import RunOptions, quantize, write_report
+    from .reconstruct import ReconConfig
 
     if args.first_last_bits not in ("same",) and not args.first_last_bits.isdigit():
         raise QLimitError(f"--first-last-bits must be a bit width or 'same' (got {args.first_last_bits!r})")
@@ -99,14 +118,22 @@ def _quantize(args: argparse.Namespace) -> int:
         quantize_add=args.quantize_add, quantize_concat=args.quantize_concat,
         quantize_act_matmul=args.quantize_attention, exclude=tuple(args.exclude),
         overrides=parse_bit_overrides(args.bits))
-    options = RunOptions(method=args.method, calib_size=args.calib_size, batch_size=args.batch_size, seed=args.seed,
-                         device=args.device, simplify=not args.no_simplify, preprocess=args.preprocess,
-                         progress=not args.quiet)
+    recon = ReconConfig(granularity=args.granularity, max_layers=args.block_layers, loss=args.loss,
+                        drop_prob=args.drop_prob, round_lambda=args.round_lambda, cache_gb=args.cache_gb)
+    options = RunOptions(method=args.method, preset=args.preset, calib_size=args.calib_size, batch_size=args.batch_size,
+                         iters=args.iters, recon=recon, seed=args.seed, device=args.device,
+                         simplify=not args.no_simplify, preprocess=args.preprocess, progress=not args.quiet)
     result = quantize(args.model, args.output, args.calib, config, options)
     r = result.report
     sizes = r["size_bytes"]
     print(f"wrote {result.output_path}: W{args.wbits}A{args.abits} ({args.method}), opset {r['opset']}, "
           f"{r['quantizers']['weights']} weight and {r['quantizers']['activations']} activation quantizers")
+    tuning = r["reconstruction"]
+    if tuning:
+        print(f"reconstruction: {len(tuning['blocks'])} blocks, {tuning['samples']} samples, "
+              f"{tuning['seconds']:.1f} s ({tuning['gflops']:.1f} GFLOP/s while tuning), "
+              f"cache peak {tuning['peak_cache_mb']:.0f} MB{' (partly on disk)' if tuning['cache_on_disk'] else ''}, "
+              f"process peak {tuning['peak_rss_mb']:.0f} MB")
     print(f"size: {sizes['float'] / 1e6:.2f} MB -> {sizes['quantized'] / 1e6:.2f} MB ({sizes['ratio']:.1%}); "
           f"time {r['seconds']:.1f} s")
     for p in r["parity"]:
@@ -130,6 +157,12 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"{args.model}: {len(original.graph.node)} nodes at opset {default_opset(original)}, "
           f"{len(model.graph.node)} after loading (simplified, constants lifted, BatchNorm folded)")
     print(format_summary(summarize(model)))
+    if args.blocks:
+        from .blocks import BlockConfig, find_blocks, format_blocks
+
+        config = BlockConfig(granularity=args.granularity, max_layers=args.block_layers)
+        print(f"\nreconstruction blocks (granularity {args.granularity}, at most {args.block_layers} layers per block):")
+        print(format_blocks(find_blocks(model, config), model))
     if not args.check:
         return 0
     mirror = Mirror(model)  # refuses unsupported models with one message

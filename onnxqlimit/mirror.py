@@ -128,11 +128,20 @@ class Mirror(nn.Module):
         key = self._hook_keys.get(name)
         env[name] = self.hooks[key](value) if key is not None else value
 
+    def initializer_env(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Initializers (all, or the named ones), their hooks (weight quantizers) applied."""
+        env: dict[str, torch.Tensor] = {}
+        for name in self.initializer_names if names is None else names:
+            self._put(env, name, self.initializer(name))
+        return env
+
+    def initializers_read(self, node_range: Iterable[int]) -> list[str]:
+        """The initializers that the given nodes read."""
+        return list(dict.fromkeys(n for i in node_range for n in self.nodes[i].inputs if n in self._keys))
+
     def initial_env(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Initializers and graph inputs, hooks applied: the state before the first node."""
-        env: dict[str, torch.Tensor] = {}
-        for name in self.initializer_names:
-            self._put(env, name, self.initializer(name))
+        env = self.initializer_env()
         device = self.device
         for name in self.input_names:
             if name not in feeds:

@@ -6,7 +6,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +21,23 @@ from .load import LoadConfig, load_model, read_model
 from .mirror import Mirror
 from .parity import check_integers, check_mirror, format_parity
 from .quant.policy import QuantConfig, plan
+from .reconstruct import METHODS, PRESETS, ReconConfig, reconstruct
 from .report import build_report
 
 log = logging.getLogger("onnxqlimit")
 
-METHODS = ("rtn",)
-INTEGER_CHECK_SAMPLES = 2  # reconstruction methods (adaround, brecq, qdrop) plug in after calibrate()
+INTEGER_CHECK_SAMPLES = 2
 
 
 @dataclass
 class RunOptions:
-    method: str = "rtn"
-    calib_size: int = 256
-    batch_size: int = 32
+    method: str = "qdrop"  # rtn | adaround | brecq | qdrop
+    preset: str = "fast"  # fast | paper: the four settings below, unless given
+    calib_size: int | None = None
+    batch_size: int | None = None
+    iters: int | None = None  # per block
+    lr_round: float | None = None  # AdaRound learning rate
+    recon: ReconConfig = field(default_factory=ReconConfig)  # granularity, loss, QDrop, AdaRound, learning rates
     seed: int = 0
     device: str = "auto"
     simplify: bool = True
@@ -65,26 +69,35 @@ def quantize(model, output_path, calibration, config: QuantConfig | None = None,
     config, options = config or QuantConfig(), options or RunOptions()
     if options.method not in METHODS:
         raise QLimitError(f"--method {options.method!r} is not available (choose from {', '.join(METHODS)})")
+    if options.preset not in PRESETS:
+        raise QLimitError(f"--preset must be one of {', '.join(PRESETS)} (got {options.preset!r})")
+    preset = PRESETS[options.preset]
+    calib_size, batch_size = options.calib_size or preset.calib_size, options.batch_size or preset.batch_size
+    recon = replace(options.recon, method=options.method, iters=options.iters or preset.iters, batch_size=batch_size,
+                    lr_round=options.lr_round or preset.lr_round, seed=options.seed, progress=options.progress)
     started = time.perf_counter()
     torch.manual_seed(options.seed)
     device = resolve_device(options.device)
+    if device.type == "cpu":  # torch may start with fewer threads than the cores this process may use
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(torch.get_num_threads(), cores))
 
     original = read_model(model)
     loaded = load_model(original, LoadConfig(simplify=options.simplify, min_opset=required_opset(config.all_bits())))
     mirror = Mirror(loaded).to(device)
-    feeds = calibration_feeds(calibration, mirror.input_names, options.calib_size, options.preprocess)
-    calib_batches = list(batches(feeds, options.batch_size))
+    feeds = calibration_feeds(calibration, mirror.input_names, calib_size, options.preprocess)
+    calib_batches = list(batches(feeds, batch_size))
 
     points = plan(loaded, config)
     if not points:
         raise QLimitError("nothing to quantize: the model has no Conv/ConvTranspose/Gemm/MatMul with float weights")
     quantizers = attach_quantizers(mirror, points)
     calibrate(mirror, points, quantizers, calib_batches, config, progress=options.progress)
-    # Reconstruction (BRECQ/QDrop) and mixed precision will run here, on the same quantizers.
+    tuning = reconstruct(mirror, loaded, points, quantizers, feeds, recon) if recon.method != "rtn" else None
 
     qmodel = export_qdq(loaded, mirror, points, quantizers)
     parity_feeds = {k: v[: options.parity_samples] for k, v in feeds.items()}
-    parity = check_mirror(qmodel, mirror, parity_feeds, batch_size=options.batch_size)
+    parity = check_mirror(qmodel, mirror, parity_feeds, batch_size=batch_size)
     act_tensors = [p.tensor for p in points if p.kind == "activation"]
     # A couple of samples: every activation of the model is held at once for this check.
     flips = check_integers(qmodel, quantizers, act_tensors,
@@ -95,8 +108,10 @@ def quantize(model, output_path, calibration, config: QuantConfig | None = None,
     output_path = Path(output_path)
     save_atomically(qmodel, output_path)
     report = build_report(original, qmodel, output_path, mirror, points, quantizers, parity_feeds, parity,
-                          config, asdict(options), time.perf_counter() - started)
+                          config, {**asdict(options), "calib_size": calib_size, "batch_size": batch_size,
+                                   "recon": asdict(recon)}, time.perf_counter() - started)
     report["integer_parity"] = asdict(flips)
+    report["reconstruction"] = asdict(tuning) if tuning is not None else None
     return QuantizeResult(output_path, report)
 
 

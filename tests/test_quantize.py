@@ -15,7 +15,7 @@ from tests.conftest import MODELS
 from tools.synthetic import paddle_text_image
 
 BITS = [(8, 8), (4, 4), (3, 3), (2, 4)]
-FAST = RunOptions(calib_size=16, batch_size=8, parity_samples=8, progress=False)
+FAST = RunOptions(method="rtn", calib_size=16, batch_size=8, parity_samples=8, progress=False)
 
 
 def zoo_calib(name: str) -> str:
@@ -63,7 +63,7 @@ def test_w8a8_within_one_point_of_float(tmp_path, name):
 
     entry = next(m for m in json.loads((MODELS / "zoo.json").read_text())["models"] if m["name"] == name)
     out = tmp_path / "q.onnx"
-    quantize(MODELS / f"{name}.onnx", out, zoo_calib(name), QuantConfig(wbits=8, abits=8), RunOptions(progress=False))
+    quantize(MODELS / f"{name}.onnx", out, zoo_calib(name), QuantConfig(wbits=8, abits=8), RunOptions(method="rtn", progress=False))
     val = np.load(MODELS / f"{name}_val.npz")
     session = ort_session(str(out), optimize=True)
     logits = np.concatenate([session.run(None, {"input": val["input"][i:i + 500]})[0] for i in range(0, len(val["label"]), 500)])
@@ -105,7 +105,7 @@ def test_torch_model_parity(tmp_path, torch_models, name, wbits, abits):
     else:
         calib = {"input": rng.standard_normal((4, 3, 224, 224)).astype(np.float32)}
     result = quantize(torch_models[name], tmp_path / "q.onnx", calib, QuantConfig(wbits=wbits, abits=abits),
-                      RunOptions(calib_size=8, batch_size=4, parity_samples=4, progress=False))
+                      RunOptions(method="rtn", calib_size=8, batch_size=4, parity_samples=4, progress=False))
     assert_parity_report(result.report)
 
 
@@ -160,6 +160,10 @@ def test_exclude_and_bit_overrides_reach_the_report(tmp_path):
     (["--device", "tpu"], "--device"),
     (["--first-last-bits", "x"], "--first-last-bits"),
     (["--method", "magic"], "--method"),
+    (["--preset", "huge"], "--preset"),
+    (["--loss", "l1"], "--loss"),
+    (["--granularity", "module"], "--granularity"),
+    (["--drop-prob", "0"], "--drop-prob"),
     (["--calib", "/nonexistent.npz"], "no such data file"),
     (["--preprocess", "size=1"], None),
 ])

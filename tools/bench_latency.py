@@ -68,7 +68,7 @@ def main() -> int:
                      else {"input": rng.standard_normal((32,) + shape[1:]).astype(np.float32)})
             out = tmp / f"{name}_w8a8.onnx"
             quantize(path, out, calib, QuantConfig(wbits=8, abits=8, quantize_add=True, quantize_concat=True),
-                     RunOptions(progress=False))
+                     RunOptions(method="rtn", progress=False))
             feeds = {"input": rng.standard_normal(shape).astype(np.float32)}
             optimized = tmp / f"{name}_opt.onnx"
             q_sess = session(out, args.threads, optimized)

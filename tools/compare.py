@@ -55,7 +55,8 @@ def main(argv=None) -> int:
             def ours():
                 out = work / f"{name}_{bits}_qlimit.onnx"
                 quantize(src, out, calib, QuantConfig(wbits=wbits, abits=abits),
-                         RunOptions(calib_size=len(next(iter(calib.values()))), batch_size=8, progress=False))
+                         RunOptions(method="rtn", calib_size=len(next(iter(calib.values()))), batch_size=8,
+                                    progress=False))
                 return tasks.evaluate(str(out), task, data)[key], out.stat().st_size / 1e6
 
             def theirs(method):

@@ -45,7 +45,8 @@ def main() -> int:
         for name, path, calib in cases(tmp):
             for wbits, abits in WIDTHS:
                 r = quantize(path, tmp / "q.onnx", calib, QuantConfig(wbits=wbits, abits=abits),
-                             RunOptions(calib_size=16, batch_size=8, parity_samples=8, progress=False)).report
+                             RunOptions(method="rtn", calib_size=16, batch_size=8, parity_samples=8,
+                                        progress=False)).report
                 p = r["parity"][0]
                 print(f"| {name} | W{wbits}A{abits} | {r['integer_parity']['flipped']:.2e} | {p['max_diff_over_range']:.1e} "
                       f"| {p['mean_diff_over_range']:.1e} | {p['within_one_step']:.2%} | {r['size_bytes']['ratio']:.3f} "

@@ -7,6 +7,7 @@ except at rounding ties produced by float summation order (docs/quantization.md)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,11 +40,38 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def grad_scale(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """Value of `t`, gradient multiplied by `factor` (LSQ's step-size gradient scaling)."""
+    return (t - t * factor).detach() + t * factor
+
+
+_TINY = torch.finfo(torch.float32).tiny * 2**10
+_MASK_POOLS: dict[tuple, torch.Tensor] = {}
+
+
+def keep_mask(x: torch.Tensor, prob: float) -> torch.Tensor:
+    """A Bernoulli(prob) mask shaped like `x`, for QDrop.
+
+    Drawing a fresh random number per element costs as much as the quantizer itself on
+    CPU, so masks are windows at random offsets into a pool drawn once (at least twice
+    the tensor's size): each element still sees an independent-looking draw per call.
+    """
+    n, key = x.numel(), (x.device, prob)
+    pool = _MASK_POOLS.get(key)
+    if pool is None or pool.numel() < 2 * n:
+        pool = torch.rand(max(2 * n, 1 << 20), device=x.device) < prob
+        _MASK_POOLS[key] = pool
+    start = int(torch.randint(0, pool.numel() - n + 1, ()))
+    return pool[start:start + n].view(x.shape)
+
+
 class FakeQuantize(nn.Module):
     """A quantizer attached to one tensor of the mirror (one Q/DQ pair in the export).
 
-    `scale` is a Parameter so reconstruction can learn it (LSQ); `zero_point` holds
-    integers in a float buffer. `enabled=False` makes it a pass-through (float model).
+    `scale` is a Parameter: reconstruction learns it (LSQ) when `requires_grad` is set;
+    `zero_point` holds integers in a float buffer. `enabled=False` makes it a pass-through
+    (float model). `drop_prob` set (QDrop, reconstruction only) keeps each quantized
+    element with that probability and lets the float value through otherwise.
     """
 
     def __init__(self, spec: QuantSpec, channels: int = 1):
@@ -52,6 +80,7 @@ class FakeQuantize(nn.Module):
         self.scale = nn.Parameter(torch.ones(channels), requires_grad=False)
         self.register_buffer("zero_point", torch.zeros(channels))
         self.enabled = True
+        self.drop_prob: float | None = None
 
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         with torch.no_grad():
@@ -66,16 +95,33 @@ class FakeQuantize(nn.Module):
         shape[axis] = -1
         return t.reshape(shape)
 
+    def _scale_for(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.scale
+        if scale.requires_grad:  # LSQ: gradient scaled by 1/sqrt(N * Qp), N elements seen
+            scale = grad_scale(scale, 1.0 / math.sqrt(x.numel() * self.spec.qmax))
+            scale = torch.clamp(scale, min=_TINY)  # a learned step must stay positive
+        return self._view(scale, x)
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """The integers QuantizeLinear would produce (as floats)."""
-        s, z = self._view(self.scale, x), self._view(self.zero_point, x)
+        s, z = self._scale_for(x), self._view(self.zero_point, x)
         return torch.clamp(round_ste(x / s) + z, self.spec.qmin, self.spec.qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or not x.is_floating_point():
             return x
-        s, z = self._view(self.scale, x), self._view(self.zero_point, x)
-        return (self.quantize(x) - z) * s
+        if self.spec.channel_axis is None and torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad):
+            # Tuning: torch's fused LSQ kernel (multiplies by 1/scale, so it may differ from the
+            # exported division at exact ties; the caches and the export use the exact path).
+            factor = 1.0 / math.sqrt(x.numel() * self.spec.qmax) if self.scale.requires_grad else 1.0
+            x_hat = torch._fake_quantize_learnable_per_tensor_affine(
+                x, self.scale.clamp(min=_TINY), self.zero_point, self.spec.qmin, self.spec.qmax, factor)
+        else:
+            s, z = self._scale_for(x), self._view(self.zero_point, x)
+            x_hat = (torch.clamp(round_ste(x / s) + z, self.spec.qmin, self.spec.qmax) - z) * s
+        if self.drop_prob is not None:
+            return torch.where(keep_mask(x, self.drop_prob), x_hat, x)
+        return x_hat
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -1,0 +1,79 @@
+"""BRECQ's Fisher-diagonal weights for the reconstruction loss, computed once, without labels.
+
+The weight of each element of a block output is the squared gradient of a task loss with
+respect to that element, taken on the quantized (round-to-nearest) model: KL(float ||
+quantized) for outputs that are probabilities or class logits, squared error for the rest
+(maps, boxes, embeddings). Gradients are scaled by their mean magnitude per tensor and
+damped with +1, so an element with an average gradient weighs 4 and one with none weighs
+1 (BRECQ's code adds the +1 to raw gradients, which are ~1e-6: that is plain MSE).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .block_cache import TensorCache
+from .calibrate import set_enabled
+from .mirror import Mirror
+from .quant.fake_quant import FakeQuantize
+
+
+class _Tap(nn.Module):
+    """Keeps a handle on a tensor (after its quantizer) so its gradient can be asked for."""
+
+    def __init__(self, inner: nn.Module | None, store: dict[str, torch.Tensor], name: str):
+        super().__init__()
+        self.inner, self.store, self.name = inner, store, name
+
+    def forward(self, x):
+        y = self.inner(x) if self.inner is not None else x
+        if y.is_floating_point() and not y.requires_grad:
+            y = y.detach().requires_grad_()
+        self.store[self.name] = y
+        return y
+
+
+def task_loss(reference: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """Label-free loss of one model output against the float model's, summed over samples."""
+    ref, out = reference.float(), output.float()
+    probabilities = ref.dim() >= 2 and ref.min() >= 0 and ref.max() <= 1 and \
+        torch.allclose(ref.sum(-1), torch.ones(()), atol=1e-3)
+    if probabilities:
+        return (ref * (torch.log(ref.clamp_min(1e-12)) - torch.log(out.clamp_min(1e-12)))).sum()
+    if ref.dim() == 2 and ref.shape[1] > 1:  # class logits
+        p = torch.softmax(ref, dim=1)
+        return (p * (torch.log_softmax(ref, dim=1) - torch.log_softmax(out, dim=1))).sum()
+    return 0.5 * (out - ref).pow(2).sum()
+
+
+def fisher_weights(mirror: Mirror, quantizers: Mapping[str, FakeQuantize], batches: list[dict[str, torch.Tensor]],
+                   names: list[str], cache: TensorCache, progress: bool = True) -> None:
+    """Store into `cache`, for every tensor in `names`, (1 + |g| / mean|g|)^2 over all samples."""
+    store: dict[str, torch.Tensor] = {}
+    originals = {name: mirror.get_hook(name) for name in names}
+    grads: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    try:
+        for name, hook in originals.items():
+            mirror.set_hook(name, _Tap(hook, store, name))
+        for batch in tqdm(batches, desc="fisher", unit="batch", disable=not progress, leave=False):
+            set_enabled(quantizers, False)
+            with torch.no_grad():
+                reference = mirror.run(batch)
+            set_enabled(quantizers, True)
+            output = mirror.run(batch)
+            loss = sum(task_loss(reference[o], output[o]) for o in mirror.output_names)
+            tensors = [store[name] for name in names]
+            found = torch.autograd.grad(loss, tensors, allow_unused=True) if loss.requires_grad else [None] * len(names)
+            for name, t, g in zip(names, tensors, found):
+                grads[name].append((g if g is not None else torch.zeros_like(t)).detach().abs().cpu())
+            store.clear()
+    finally:
+        set_enabled(quantizers, True)
+        for name, hook in originals.items():
+            mirror.set_hook(name, hook)
+    for name, chunks in grads.items():
+        mean = torch.cat([c.reshape(-1) for c in chunks]).mean().clamp_min(1e-30)
+        cache.put(name, [(1 + c / mean).pow(2) for c in chunks])
