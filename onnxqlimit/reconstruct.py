@@ -29,7 +29,7 @@ from .errors import QLimitError
 from .fisher import fisher_weights
 from .mirror import Mirror
 from .quant.adaround import AdaRoundQuantize
-from .quant.fake_quant import FakeQuantize, keep_mask
+from .quant.fake_quant import FakeQuantize, keep_mask, reset_masks
 from .quant.policy import QuantPoint
 
 METHODS = ("rtn", "adaround", "brecq", "qdrop")
@@ -127,6 +127,8 @@ def reconstruct(mirror: Mirror, model, points: list[QuantPoint], quantizers: dic
                 feeds: Mapping[str, np.ndarray], config: ReconConfig) -> ReconResult:
     """Tune `quantizers` in place (AdaRound modules replace the tuned weights' quantizers)."""
     started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    reset_masks()
     blocks = find_blocks(model, config.block_config)
     total = len(next(iter(feeds.values())))
     batch = min(config.batch_size, total)

@@ -32,7 +32,8 @@ from tools import tasks  # noqa: E402
 from tools.eval_float import MODELS  # noqa: E402
 from tools.ort_baseline import quantize_with_ort  # noqa: E402
 
-WIDTHS = {"W8A8": (8, 8), "W4A4": (4, 4), "W3A3": (3, 3), "W2A4": (2, 4)}
+WIDTHS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W3A3": (3, 3), "W2A4": (2, 4)}
+DEFAULT_WIDTHS = ["W8A8", "W4A4", "W3A3", "W2A4"]
 METHODS = ("rtn", "adaround", "brecq", "qdrop", "ort")
 EXTRA_METRIC = {"rec": "line_acc"}  # shown beside the headline metric
 
@@ -73,7 +74,7 @@ def run_ort(src, calib, out, wbits, abits) -> tuple[Path, str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--bits", nargs="+", default=list(WIDTHS), choices=list(WIDTHS))
+    ap.add_argument("--bits", nargs="+", default=DEFAULT_WIDTHS, choices=list(WIDTHS))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--preset", default="fast")
     ap.add_argument("--iters", type=int)
@@ -106,7 +107,8 @@ def main(argv=None) -> int:
             wbits, abits = WIDTHS[bits]
             for method in args.methods:
                 out = work / f"{name}_{bits}_{method}.onnx"
-                record = {"model": name, "bits": bits, "method": method, "float": float_res, "calib": n}
+                record = {"model": name, "bits": bits, "method": method, "float": float_res, "calib": n,
+                          "loss": args.loss, "preset": args.preset, "iters": args.iters, "batch_size": args.batch_size}
                 start = time.perf_counter()
                 try:
                     if method == "ort":

@@ -49,6 +49,11 @@ _TINY = torch.finfo(torch.float32).tiny * 2**10
 _MASK_POOLS: dict[tuple, torch.Tensor] = {}
 
 
+def reset_masks() -> None:
+    """Forget the mask pools, so a run depends on its seed alone, not on earlier runs."""
+    _MASK_POOLS.clear()
+
+
 def keep_mask(x: torch.Tensor, prob: float) -> torch.Tensor:
     """A Bernoulli(prob) mask shaped like `x`, for QDrop.
 
