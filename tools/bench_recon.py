@@ -112,7 +112,7 @@ def main(argv=None) -> int:
                 start = time.perf_counter()
                 try:
                     if method == "ort":
-                        tried = {m: p for m, p in run_ort(src, calib, out, wbits, abits).items()}
+                        tried = run_ort(src, calib, out, wbits, abits)
                         scored = {m: tasks.evaluate(str(p), task, data) for m, p in tried.items()
                                   if isinstance(p, Path)}
                         if not scored:

@@ -40,11 +40,6 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def grad_scale(t: torch.Tensor, factor: float) -> torch.Tensor:
-    """Value of `t`, gradient multiplied by `factor` (LSQ's step-size gradient scaling)."""
-    return (t - t * factor).detach() + t * factor
-
-
 _TINY = torch.finfo(torch.float32).tiny * 2**10
 _MASK_POOLS: dict[tuple, torch.Tensor] = {}
 
@@ -100,29 +95,23 @@ class FakeQuantize(nn.Module):
         shape[axis] = -1
         return t.reshape(shape)
 
-    def _scale_for(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.scale
-        if scale.requires_grad:  # LSQ: gradient scaled by 1/sqrt(N * Qp), N elements seen
-            scale = grad_scale(scale, 1.0 / math.sqrt(x.numel() * self.spec.qmax))
-            scale = torch.clamp(scale, min=_TINY)  # a learned step must stay positive
-        return self._view(scale, x)
-
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """The integers QuantizeLinear would produce (as floats)."""
-        s, z = self._scale_for(x), self._view(self.zero_point, x)
+        s, z = self._view(self.scale, x), self._view(self.zero_point, x)
         return torch.clamp(round_ste(x / s) + z, self.spec.qmin, self.spec.qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or not x.is_floating_point():
             return x
         if self.spec.channel_axis is None and torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad):
-            # Tuning: torch's fused LSQ kernel (multiplies by 1/scale, so it may differ from the
-            # exported division at exact ties; the caches and the export use the exact path).
+            # Tuning (LSQ, step-size gradient scaled by 1/sqrt(N * Qp)): torch's fused kernel. It
+            # multiplies by 1/scale, so it may differ from the exported division at exact ties;
+            # the caches and the export use the exact path. Only per-tensor scales are learned.
             factor = 1.0 / math.sqrt(x.numel() * self.spec.qmax) if self.scale.requires_grad else 1.0
             x_hat = torch._fake_quantize_learnable_per_tensor_affine(
                 x, self.scale.clamp(min=_TINY), self.zero_point, self.spec.qmin, self.spec.qmax, factor)
         else:
-            s, z = self._scale_for(x), self._view(self.zero_point, x)
+            s, z = self._view(self.scale, x), self._view(self.zero_point, x)
             x_hat = (torch.clamp(round_ste(x / s) + z, self.spec.qmin, self.spec.qmax) - z) * s
         if self.drop_prob is not None:
             return torch.where(keep_mask(x, self.drop_prob), x_hat, x)
