@@ -1,10 +1,13 @@
 """Stage 3: attach quantizers to the mirror where the policy says, and calibrate them.
 
-Weights get their scales from their own values; activations from the float model run
-on the calibration batches (observers hooked on the same tensors, quantizers off).
+Weights get their scales from their own values; activations from the model run on the
+calibration batches with its weights quantized (observers hooked where the activation
+quantizers stand). The observers are kept, so activation scales for any other width (a
+mixed-precision search tries several) come without running the model again.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -44,14 +47,35 @@ def set_enabled(quantizers: Mapping[str, FakeQuantize], enabled: bool) -> None:
         q.enabled = enabled
 
 
+class Calibration:
+    """Scale and zero point of every quantizer at any width, computed once per (tensor, width)."""
+
+    def __init__(self, mirror: Mirror, observers: Mapping[str, RangeObserver], config: QuantConfig):
+        self.mirror, self.observers, self.config = mirror, observers, config
+        self._memo: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def qparams(self, point: QuantPoint, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (point.tensor, bits)
+        if key not in self._memo:
+            spec, config = replace(point.spec, bits=bits), self.config
+            if point.kind == "weight":
+                self._memo[key] = weight_qparams(self.mirror.initializer(point.tensor), spec, config.weight_init)
+            else:
+                self._memo[key] = self.observers[point.tensor].qparams(spec, config.act_init, config.percentile)
+        return self._memo[key]
+
+
 def calibrate(mirror: Mirror, points: list[QuantPoint], quantizers: Mapping[str, FakeQuantize],
-              batches: Iterable[Mapping[str, np.ndarray]], config: QuantConfig, progress: bool = True) -> None:
-    for point in points:
-        if point.kind == "weight":
-            scale, zero = weight_qparams(mirror.initializer(point.tensor), point.spec, config.weight_init)
-            quantizers[point.tensor].set_qparams(scale, zero)
+              batches: Iterable[Mapping[str, np.ndarray]], config: QuantConfig, progress: bool = True) -> Calibration:
+    """Weight scales at the points' widths, then activation ranges observed on the model with
+    those weights quantized (as BRECQ / QDrop initialise them): call again after a bit plan
+    changes weight widths, so the activation ranges follow."""
     acts = [p for p in points if p.kind == "activation"]
     observers = {p.tensor: RangeObserver(seed=i) for i, p in enumerate(acts)}
+    calibration = Calibration(mirror, observers, config)
+    for point in points:
+        if point.kind == "weight":
+            quantizers[point.tensor].set_qparams(*calibration.qparams(point, point.spec.bits))
     for name, observer in observers.items():
         mirror.set_hook(name, _Observe(observer))
     try:
@@ -62,5 +86,5 @@ def calibrate(mirror: Mirror, points: list[QuantPoint], quantizers: Mapping[str,
         for name in observers:
             mirror.set_hook(name, quantizers[name])
     for point in acts:
-        scale, zero = observers[point.tensor].qparams(point.spec, config.act_init, config.percentile)
-        quantizers[point.tensor].set_qparams(scale, zero)
+        quantizers[point.tensor].set_qparams(*calibration.qparams(point, point.spec.bits))
+    return calibration

@@ -20,6 +20,30 @@ def _shape_arg(text: str) -> tuple[str, list[int]]:
         raise argparse.ArgumentTypeError(f"expected NAME=D0,D1,... (got {text!r})") from None
 
 
+def _size_arg(text: str) -> float:
+    """'600KB', '1.5MB', '2GB' or plain bytes (KB = 1000 bytes; KiB/MiB = 1024)."""
+    units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+    number = text.strip().upper().rstrip("BIKMG")
+    unit = text.strip().upper()[len(number):]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a size like 600KB or 1.5MB (got {text!r})") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size (got {text!r})")
+    return value
+
+
+def _widths_arg(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected widths like 2,4,8 (got {text!r})") from None
+    if not widths:
+        raise argparse.ArgumentTypeError("expected at least one width")
+    return widths
+
+
 def _positive(text: str) -> int:
     value = int(text) if text.isdigit() else 0
     if value <= 0:
@@ -54,6 +78,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--preprocess", help="for image folders: 'size=H,W;mean=a,b,c;std=a,b,c;scale=255;layout=NCHW;color=RGB'")
     q.add_argument("--wbits", type=int, default=8, help="weight bits, 2..8 (default 8)")
     q.add_argument("--abits", type=int, default=8, help="activation bits, 2..8 or 16 (default 8)")
+    m = q.add_argument_group("mixed precision (any --target-* runs the search; docs/mixed_precision.md)")
+    m.add_argument("--target-size", type=_size_arg, metavar="SIZE", help="weight storage of the file, e.g. 600KB, 1.5MB")
+    m.add_argument("--target-avg-wbits", type=float, metavar="BITS", help="parameter-weighted weight bits, e.g. 3.0")
+    m.add_argument("--target-bitops", type=float, metavar="G", help="MACs x wbits x abits per sample, in G")
+    m.add_argument("--target-latency", type=float, metavar="MS", help="onnxruntime latency per sample from a per-node table")
+    m.add_argument("--target-metric", type=float, metavar="FRACTION",
+                   help="keep this fraction of the float model's metric (agreement, or accuracy with --eval labels)")
+    m.add_argument("--eval", dest="eval_data", metavar="DATA.npz",
+                   help="data for --target-metric: model inputs and optionally 'labels' (default: the calibration data)")
+    m.add_argument("--wbits-choices", type=_widths_arg, default=(2, 3, 4, 8), metavar="W,W,...",
+                   help="weight widths to choose from (default 2,3,4,8)")
+    m.add_argument("--abits-choices", type=_widths_arg, default=(4, 8), metavar="A,A,...",
+                   help="activation widths to choose from (default 4,8)")
+    m.add_argument("--solver", default="milp", help="milp (exact, default) | ga (the paper's genetic algorithm)")
+    m.add_argument("--ga-population", type=_positive, default=64)
+    m.add_argument("--ga-generations", type=_positive, default=200)
+    m.add_argument("--ga-mutation", type=float, default=0.05, help="per-gene mutation probability (default 0.05)")
+    m.add_argument("--ga-crossover", type=float, default=0.9, help="crossover probability (default 0.9)")
+    m.add_argument("--sens-samples", type=_positive, default=32, help="samples for the sensitivities (default 32)")
+    m.add_argument("--work-dir", default=None,
+                   help="cache for sensitivities and latency tables (default $ONNXQLIMIT_CACHE or ~/.cache/onnxqlimit)")
+    m.add_argument("--save-plan", metavar="PLAN.json", help="write the bit plan used (node -> wbits/abits)")
+    m.add_argument("--bits-plan", metavar="PLAN.json", help="quantize with this bit plan (e.g. an edited --save-plan)")
     q.add_argument("--method", default="qdrop", help="rtn (round to nearest) | adaround (layer-wise) | brecq (block-wise) "
                    "| qdrop (block-wise with dropped activation quantization; default)")
     q.add_argument("--preset", default="fast", help="fast (default: 500 iterations per block, batch 8, 256 samples) "
@@ -104,6 +151,12 @@ def parse_bit_overrides(text: str) -> tuple[tuple[str, int, int], ...]:
 
 
 def _quantize(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from .mixed.search import MixedConfig, Targets
+    from .mixed.sensitivity import SensitivityConfig
+    from .mixed.solvers import SOLVERS, GAConfig
     from .quant.policy import QuantConfig
     from .quantize import RunOptions, quantize, write_report
     from .reconstruct import ReconConfig
@@ -120,14 +173,44 @@ def _quantize(args: argparse.Namespace) -> int:
         overrides=parse_bit_overrides(args.bits))
     recon = ReconConfig(granularity=args.granularity, max_layers=args.block_layers, loss=args.loss,
                         drop_prob=args.drop_prob, round_lambda=args.round_lambda, cache_gb=args.cache_gb)
+    if args.solver not in SOLVERS:
+        raise QLimitError(f"--solver must be one of {', '.join(SOLVERS)} (got {args.solver!r})")
+    targets = Targets(size_bytes=args.target_size, avg_wbits=args.target_avg_wbits,
+                      bitops=args.target_bitops * 1e9 if args.target_bitops is not None else None,
+                      latency_ms=args.target_latency, metric=args.target_metric)
+    work_dir = Path(args.work_dir or os.environ.get("ONNXQLIMIT_CACHE") or Path.home() / ".cache" / "onnxqlimit")
+    mixed = MixedConfig(targets, SensitivityConfig(args.wbits_choices, args.abits_choices, args.sens_samples,
+                                                   seed=args.seed), args.solver,
+                        GAConfig(args.ga_population, args.ga_generations, args.ga_mutation, args.ga_crossover,
+                                 seed=args.seed), work_dir)
     options = RunOptions(method=args.method, preset=args.preset, calib_size=args.calib_size, batch_size=args.batch_size,
                          iters=args.iters, recon=recon, seed=args.seed, device=args.device,
-                         simplify=not args.no_simplify, preprocess=args.preprocess, progress=not args.quiet)
+                         simplify=not args.no_simplify, preprocess=args.preprocess, progress=not args.quiet,
+                         mixed=mixed, bits_plan=args.bits_plan, save_plan=args.save_plan, eval_data=args.eval_data)
     result = quantize(args.model, args.output, args.calib, config, options)
     r = result.report
     sizes = r["size_bytes"]
-    print(f"wrote {result.output_path}: W{args.wbits}A{args.abits} ({args.method}), opset {r['opset']}, "
+    mixed_result = r["mixed_precision"]
+    bits = "mixed" if mixed_result or args.bits_plan else f"W{args.wbits}A{args.abits}"
+    if mixed_result:
+        from .mixed.search import format_plan_rows
+
+        print(format_plan_rows(r["plan"], {n["node"]: n["op"] for n in r["nodes"]}))
+        cached = " (sensitivities from the cache)" if mixed_result["sensitivity_cached"] else \
+            f" (sensitivities measured in {mixed_result['sensitivity_seconds']:.1f} s)"
+        print(f"mixed precision: {mixed_result['solver']} search in {mixed_result['seconds']:.1f} s{cached}, "
+              f"predicted loss increase {mixed_result['predicted_loss']:.4g}")
+    print(f"wrote {result.output_path}: {bits} ({args.method}), opset {r['opset']}, "
           f"{r['quantizers']['weights']} weight and {r['quantizers']['activations']} activation quantizers")
+    c = r["costs"]
+    print(f"weights: {c['avg_wbits']:.3f} bits per parameter ({c['container_wbits']:.3f} as stored), "
+          f"weight storage {c['size_bytes'] / 1e3:.1f} KB, {c['bitops'] / 1e9:.4g} GBitOps per sample"
+          + (f", latency {c['latency_ms']:.3f} ms estimated / {c['measured_latency_ms']:.3f} ms measured"
+             if "latency_ms" in c else ""))
+    if r.get("metric") is not None:
+        print(f"metric on the exported file: {r['metric']:.4f} of float (target {args.target_metric})")
+    if args.save_plan:
+        print(f"plan: {args.save_plan}")
     tuning = r["reconstruction"]
     if tuning:
         print(f"reconstruction: {len(tuning['blocks'])} blocks, {tuning['samples']} samples, "

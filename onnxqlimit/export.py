@@ -9,7 +9,7 @@ mirror's FakeQuantize computes.
 """
 from __future__ import annotations
 
-from typing import Mapping
+import json
 
 import ml_dtypes
 import numpy as np
@@ -20,6 +20,7 @@ from .graph import topological_sort
 from .mirror import Mirror
 from .quant.fake_quant import FakeQuantize, QuantSpec
 from .quant.policy import QuantPoint
+from .state import QuantState
 
 # (container bits, signed) -> (numpy dtype, opset that first allows it in Q/DQ)
 _CONTAINERS = {
@@ -43,17 +44,47 @@ def _dtype(spec: QuantSpec):
     return _CONTAINERS[(container_bits(spec.bits), spec.symmetric)][0]
 
 
+def _needs_clip(spec: QuantSpec) -> bool:
+    """Activations get a Max/Min clip where the container is wider than the width (see below)."""
+    return spec.bits < container_bits(spec.bits) or container_bits(spec.bits) < 8
+
+
+_ELEMENT_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT2: 2, onnx.TensorProto.UINT2: 2}
+
+
+def stored_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes an initializer's values take as ONNX stores them (int4 packs two per byte, int2 four)."""
+    count = int(np.prod(tensor.dims)) if tensor.dims else 1
+    bits = _ELEMENT_BITS.get(tensor.data_type) or 8 * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return -(-count * bits // 8)
+
+
+def weight_storage_bytes(spec: QuantSpec, numel: int, channels: int) -> int:
+    """What _insert_weight stores for a weight: packed integers, float32 scales, zero points."""
+    container = container_bits(spec.bits)
+    return -(-numel * container // 8) + 4 * channels + -(-channels * container // 8)
+
+
+def activation_storage_bytes(spec: QuantSpec) -> int:
+    """What _insert_activation stores: scale, zero point and, where clipped, the two bounds."""
+    return 4 + -(-container_bits(spec.bits) // 8) + (8 if _needs_clip(spec) else 0)
+
+
 def _consumers_of(graph: onnx.GraphProto, name: str):
     return [(node, i) for node in graph.node for i, t in enumerate(node.input) if t == name]
 
 
-def export_qdq(model: onnx.ModelProto, mirror: Mirror, points: list[QuantPoint],
-               quantizers: Mapping[str, FakeQuantize]) -> onnx.ModelProto:
-    """A copy of `model` (the graph the mirror was built from) with Q/DQ nodes inserted."""
+def export_qdq(model: onnx.ModelProto, mirror: Mirror, state: QuantState) -> onnx.ModelProto:
+    """A copy of `model` (the graph the mirror was built from) with Q/DQ nodes inserted.
+
+    The bit plan is recorded in the metadata (`onnxqlimit.bit_plan`, tensor -> width): a
+    3-bit weight in an int4 container cannot be told from a 4-bit one by its type alone.
+    """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    for point in points:
+    quantizers = state.quantizers
+    for point in state.points:
         quantizer = quantizers[point.tensor]
         readers = _consumers_of(graph, point.tensor)
         if point.kind == "weight":
@@ -67,6 +98,8 @@ def export_qdq(model: onnx.ModelProto, mirror: Mirror, points: list[QuantPoint],
     del graph.initializer[:]
     graph.initializer.extend(kept)
     topological_sort(graph)
+    entry = out.metadata_props.add()
+    entry.key, entry.value = "onnxqlimit.bit_plan", json.dumps(dict(state.plan.bits))
     return out
 
 
@@ -99,7 +132,7 @@ def _insert_activation(graph, point: QuantPoint, quantizer: FakeQuantize) -> str
     graph.initializer.extend([numpy_helper.from_array(scale, f"{base}_scale"),
                               numpy_helper.from_array(zero, f"{base}_zero_point")])
     source = base
-    if spec.bits < container_bits(spec.bits) or container_bits(spec.bits) < 8:
+    if _needs_clip(spec):
         # Clamp to the true range, so a container wider than the bit width cannot use its
         # extra levels (clamp(x) / s rounds to the same integer bound). For 2/4-bit
         # containers the clamp is a numerical no-op that keeps onnxruntime 1.32 running: its

@@ -21,7 +21,7 @@ from .mirror import Mirror
 from .quant.fake_quant import FakeQuantize
 
 
-class _Tap(nn.Module):
+class GradTap(nn.Module):
     """Keeps a handle on a tensor (after its quantizer) so its gradient can be asked for."""
 
     def __init__(self, inner: nn.Module | None, store: dict[str, torch.Tensor], name: str):
@@ -36,17 +36,43 @@ class _Tap(nn.Module):
         return y
 
 
+def output_kind(reference: torch.Tensor) -> str:
+    """"probabilities" (last axis sums to 1), "logits" (N x classes) or "values" (maps, boxes, embeddings)."""
+    ref = reference.float()
+    if ref.dim() >= 2 and ref.min() >= 0 and ref.max() <= 1 and torch.allclose(ref.sum(-1), torch.ones(()), atol=1e-3):
+        return "probabilities"
+    if ref.dim() == 2 and ref.shape[1] > 1:
+        return "logits"
+    return "values"
+
+
 def task_loss(reference: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-    """Label-free loss of one model output against the float model's, summed over samples."""
+    """Label-free loss of one model output against the float model's, summed over samples:
+    KL(float || quantized) for class outputs, else half the squared error relative to the
+    output's mean square (so outputs in pixels and in [0, 1] weigh alike)."""
     ref, out = reference.float(), output.float()
-    probabilities = ref.dim() >= 2 and ref.min() >= 0 and ref.max() <= 1 and \
-        torch.allclose(ref.sum(-1), torch.ones(()), atol=1e-3)
-    if probabilities:
+    kind = output_kind(ref)
+    if kind == "probabilities":
         return (ref * (torch.log(ref.clamp_min(1e-12)) - torch.log(out.clamp_min(1e-12)))).sum()
-    if ref.dim() == 2 and ref.shape[1] > 1:  # class logits
+    if kind == "logits":
         p = torch.softmax(ref, dim=1)
         return (p * (torch.log_softmax(ref, dim=1) - torch.log_softmax(out, dim=1))).sum()
-    return 0.5 * (out - ref).pow(2).sum()
+    return 0.5 * (out - ref).pow(2).sum() / ref.pow(2).mean().clamp_min(1e-12)
+
+
+def sampled_nll(output: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """-log p(y | x) of a label y drawn from the model's own prediction (Gaussian noise for
+    "values" outputs). Its squared gradient is, in expectation, the Fisher information:
+    the Hessian of task_loss at the float model, with no labels needed."""
+    kind = output_kind(output.detach())
+    if kind == "values":
+        noise = torch.randn(output.shape, generator=generator).to(output.device)
+        return (output.float() * noise).sum() / output.detach().float().pow(2).mean().clamp_min(1e-12).sqrt()
+    logp = torch.log(output.float().clamp_min(1e-12)) if kind == "probabilities" else torch.log_softmax(output.float(), 1)
+    moved = logp.movedim(-1 if kind == "probabilities" else 1, -1)
+    flat = moved.reshape(-1, moved.shape[-1])
+    labels = torch.multinomial(flat.detach().exp().cpu(), 1, generator=generator).to(flat.device)
+    return -flat.gather(1, labels).sum()
 
 
 def fisher_weights(mirror: Mirror, quantizers: Mapping[str, FakeQuantize], batches: list[dict[str, torch.Tensor]],
@@ -57,7 +83,7 @@ def fisher_weights(mirror: Mirror, quantizers: Mapping[str, FakeQuantize], batch
     grads: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     try:
         for name, hook in originals.items():
-            mirror.set_hook(name, _Tap(hook, store, name))
+            mirror.set_hook(name, GradTap(hook, store, name))
         for batch in tqdm(batches, desc="fisher", unit="batch", disable=not progress, leave=False):
             set_enabled(quantizers, False)
             with torch.no_grad():

@@ -1,4 +1,7 @@
-"""The pipeline, in one screen: load -> mirror -> calibrate -> reconstruct -> export -> validate."""
+"""The pipeline, in one screen: load -> mirror -> calibrate -> mixed precision -> reconstruct -> export -> validate.
+
+The bit plan is chosen before reconstruction: learned rounding is tied to a width.
+"""
 from __future__ import annotations
 
 import json
@@ -13,16 +16,21 @@ import numpy as np
 import onnx
 import torch
 
-from .calibrate import attach_quantizers, calibrate
-from .data import batches, calibration_feeds, fixed_batch_size
+from .calibrate import attach_quantizers, calibrate, set_enabled
+from .data import batches, calibration_feeds, fixed_batch_size, load_npz
 from .errors import QLimitError
 from .export import export_qdq, required_opset
 from .load import LoadConfig, load_model, read_model
 from .mirror import Mirror
-from .parity import check_integers, check_mirror, format_parity
-from .quant.policy import QuantConfig, plan
+from .mixed.costs import CostModel, file_costs
+from .mixed.metric import relative_score
+from .mixed.search import EvalData, MixedConfig, SearchResult, result_json, search
+from .parity import check_integers, check_mirror, format_parity, ort_session
+from .quant.bits import BitPlan, plan_widths, read_plan_file
+from .quant.policy import QuantConfig, place
 from .reconstruct import METHODS, PRESETS, ReconConfig, reconstruct
 from .report import build_report
+from .state import QuantState
 
 log = logging.getLogger("onnxqlimit")
 
@@ -44,6 +52,10 @@ class RunOptions:
     preprocess: str | None = None  # for image-folder calibration
     parity_samples: int = 32
     progress: bool = True
+    mixed: MixedConfig = field(default_factory=MixedConfig)  # a search runs when its targets are set
+    bits_plan: str | None = None  # a JSON plan (node -> {wbits, abits}) to quantize with
+    save_plan: str | None = None  # write the plan used here
+    eval_data: str | None = None  # .npz (model inputs, optional `labels`) for --target-metric
 
 
 @dataclass
@@ -82,20 +94,40 @@ def quantize(model, output_path, calibration, config: QuantConfig | None = None,
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(torch.get_num_threads(), cores))
 
+    searching = options.mixed.targets.any()
+    plan_entries = read_plan_file(options.bits_plan) if options.bits_plan else None
+    if searching and plan_entries is not None:
+        raise QLimitError("--bits-plan fixes every width; it cannot be combined with a --target-* search")
     original = read_model(model)
-    loaded = load_model(original, LoadConfig(simplify=options.simplify, min_opset=required_opset(config.all_bits())))
+    widths = config.all_bits() | plan_widths(plan_entries or {})  # every width the file may hold
+    if searching:
+        widths |= set(options.mixed.sensitivity.wbits_choices) | set(options.mixed.sensitivity.abits_choices)
+    loaded = load_model(original, LoadConfig(simplify=options.simplify, min_opset=required_opset(widths)))
     mirror = Mirror(loaded).to(device)
     feeds = calibration_feeds(calibration, mirror.input_names, calib_size, options.preprocess)
-    calib_batches = list(batches(feeds, batch_size))
+    eval_data = _eval_data(options.eval_data, mirror.input_names) if options.eval_data else None
 
-    points = plan(loaded, config)
+    points = place(loaded, config)
     if not points:
         raise QLimitError("nothing to quantize: the model has no Conv/ConvTranspose/Gemm/MatMul with float weights")
     quantizers = attach_quantizers(mirror, points)
-    calibrate(mirror, points, quantizers, calib_batches, config, progress=options.progress)
-    tuning = reconstruct(mirror, loaded, points, quantizers, feeds, recon) if recon.method != "rtn" else None
+    calib_batches = list(batches(feeds, batch_size))
+    state = QuantState(points, quantizers, calibrate(mirror, points, quantizers, calib_batches, config, options.progress))
+    searched: SearchResult | None = None
+    if plan_entries is not None or searching:
+        default = state.plan
+        if plan_entries is not None:
+            state.apply(BitPlan.from_nodes(plan_entries, points))
+        else:
+            settings = {k: v for k, v in asdict(config).items() if k not in ("wbits", "abits")}
+            searched = search(mirror, loaded, state, feeds, options.mixed, recon.block_config, settings, eval_data,
+                              options.progress)
+            state.apply(searched.plan)
+        if state.plan != default:  # activation ranges follow the weights' new widths
+            state.calibration = calibrate(mirror, points, quantizers, calib_batches, config, options.progress)
+    tuning = reconstruct(mirror, loaded, state, feeds, recon) if recon.method != "rtn" else None
 
-    qmodel = export_qdq(loaded, mirror, points, quantizers)
+    qmodel = export_qdq(loaded, mirror, state)
     parity_feeds = {k: v[: options.parity_samples] for k, v in feeds.items()}
     parity = check_mirror(qmodel, mirror, parity_feeds, batch_size=batch_size)
     act_tensors = [p.tensor for p in points if p.kind == "activation"]
@@ -105,14 +137,61 @@ def quantize(model, output_path, calibration, config: QuantConfig | None = None,
     if not (all(r.ok_quantized for r in parity) and flips.ok):
         raise QLimitError("exported model does not reproduce the quantized mirror in onnxruntime "
                           f"({flips.flipped:.2%} of activation integers differ):\n" + format_parity(parity, quantized=True))
+    costs = file_costs(qmodel, CostModel(loaded, mirror, points, state.quantizers, feeds), state.plan)
+    if searched is not None and "latency_ms" in searched.costs:  # a table estimate; the file's own time is measured
+        from .mixed.latency import model_latency_ms
+
+        costs["latency_ms"] = searched.costs["latency_ms"]
+        costs["measured_latency_ms"] = model_latency_ms(qmodel, {k: v[:1] for k, v in feeds.items()},
+                                                        threads=options.mixed.latency_threads)
+    budgets = options.mixed.targets.budgets()
+    over = [name for name, limit in budgets.items() if costs[name] > limit * (1 + 1e-9)]
+    if over:  # the search guarantees the budgets: reaching here is a bug, never a shipped file
+        raise RuntimeError(f"exported file exceeds its budget: {', '.join(f'{n} {costs[n]:.6g} > {budgets[n]:.6g}' for n in over)}")
     output_path = Path(output_path)
     save_atomically(qmodel, output_path)
-    report = build_report(original, qmodel, output_path, mirror, points, quantizers, parity_feeds, parity,
+    if options.save_plan:
+        state.plan.save(options.save_plan, points)
+    report = build_report(original, qmodel, output_path, mirror, state, parity_feeds, parity,
                           config, {**asdict(options), "calib_size": calib_size, "batch_size": batch_size,
                                    "recon": asdict(recon)}, time.perf_counter() - started)
     report["integer_parity"] = asdict(flips)
     report["reconstruction"] = asdict(tuning) if tuning is not None else None
+    report["costs"] = costs
+    report["plan"] = state.plan.to_nodes(points)
+    report["mixed_precision"] = result_json(searched, points) if searched is not None else None
+    if options.mixed.targets.metric is not None:
+        report["metric"] = _file_metric(qmodel, mirror, state, eval_data or EvalData(feeds), batch_size)
     return QuantizeResult(output_path, report)
+
+
+def _eval_data(path: str, input_names: list[str]) -> EvalData:
+    """`--eval DATA.npz`: model inputs by name, and optionally `labels` (one per sample)."""
+    feeds = load_npz(path, input_names)
+    with np.load(path, allow_pickle=False) as data:
+        labels = np.asarray(data["labels"]) if "labels" in data.files else None
+    if labels is not None and len(labels) != len(next(iter(feeds.values()))):
+        raise QLimitError(f"{path}: 'labels' must hold one label per sample")
+    return EvalData(feeds, labels)
+
+
+def _file_metric(qmodel: onnx.ModelProto, mirror: Mirror, state: QuantState, data: EvalData, batch_size: int) -> float:
+    """The --target-metric score of the exported file, run by onnxruntime, against the float mirror."""
+    session = ort_session(qmodel)
+    outputs: dict[str, list] = {}
+    reference: dict[str, list] = {}
+    for batch in batches(data.feeds, batch_size):
+        for name, value in zip(mirror.output_names, session.run(mirror.output_names, dict(batch))):
+            outputs.setdefault(name, []).append(torch.from_numpy(np.asarray(value)))
+        set_enabled(state.quantizers, False)
+        try:
+            with torch.no_grad():
+                for name, value in mirror.run(batch).items():
+                    reference.setdefault(name, []).append(value.cpu())
+        finally:
+            set_enabled(state.quantizers, True)
+    return relative_score({k: torch.cat(v) for k, v in reference.items()},
+                          {k: torch.cat(v) for k, v in outputs.items()}, data.labels)
 
 
 def save_atomically(model: onnx.ModelProto, path: Path) -> None:

@@ -31,6 +31,7 @@ from .mirror import Mirror
 from .quant.adaround import AdaRoundQuantize
 from .quant.fake_quant import FakeQuantize, keep_mask, reset_masks
 from .quant.policy import QuantPoint
+from .state import QuantState
 
 METHODS = ("rtn", "adaround", "brecq", "qdrop")
 LOSSES = ("mse", "fisher")
@@ -123,9 +124,10 @@ class ReconResult:
     cache_on_disk: bool = False
 
 
-def reconstruct(mirror: Mirror, model, points: list[QuantPoint], quantizers: dict[str, FakeQuantize],
-                feeds: Mapping[str, np.ndarray], config: ReconConfig) -> ReconResult:
-    """Tune `quantizers` in place (AdaRound modules replace the tuned weights' quantizers)."""
+def reconstruct(mirror: Mirror, model, state: QuantState, feeds: Mapping[str, np.ndarray],
+                config: ReconConfig) -> ReconResult:
+    """Tune the state's quantizers in place (AdaRound modules replace the tuned weights' quantizers)."""
+    points, quantizers = state.points, state.quantizers
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     reset_masks()
@@ -146,7 +148,7 @@ def reconstruct(mirror: Mirror, model, points: list[QuantPoint], quantizers: dic
         run.fisher = TensorCache(layouts, config.cache_gb * 2**30 / 4, mirror.device)
         fisher_weights(mirror, quantizers, fisher_batches, targets, run.fisher, config.progress)
 
-    owners, run.on_entry = _owners(mirror, blocks, points)
+    owners, run.on_entry = quantizer_owners(mirror, blocks, points)
     last_reader = {t: b.index for b in blocks for t in b.inputs + b.context}
     total_iters = config.iters * sum(1 for b in blocks if owners.get(b.index)) if config.method != "rtn" else 0
     run.bar = tqdm(total=total_iters, desc="reconstructing", unit="it", disable=not config.progress or not total_iters)
@@ -197,7 +199,7 @@ def _probe_layouts(mirror: Mirror, quantizers, feeds, names: list[str]) -> dict[
     return {name: probe_layout(one[name], two[name]) for name in names}
 
 
-def _owners(mirror: Mirror, blocks: list[Block], points: list[QuantPoint]) -> tuple[dict[int, list[QuantPoint]], set[str]]:
+def quantizer_owners(mirror: Mirror, blocks: list[Block], points: list[QuantPoint]) -> tuple[dict[int, list[QuantPoint]], set[str]]:
     """Which block tunes which quantizer, and which activation quantizers act on block entry.
 
     A weight belongs to the block of its (first) layer. An activation quantizer belongs to

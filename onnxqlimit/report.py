@@ -12,7 +12,8 @@ from .calibrate import set_enabled
 from .mirror import Mirror
 from .parity import OutputParity
 from .quant.fake_quant import FakeQuantize
-from .quant.policy import QuantConfig, QuantPoint
+from .quant.policy import QuantConfig
+from .state import QuantState
 
 SQNR_SAMPLES = 4  # samples used for per-node SQNR (all node outputs are held at once)
 
@@ -46,8 +47,9 @@ def node_sqnr(mirror: Mirror, quantizers: Mapping[str, FakeQuantize], feeds: Map
 
 
 def build_report(original: onnx.ModelProto, exported: onnx.ModelProto, output_path, mirror: Mirror,
-                 points: list[QuantPoint], quantizers: Mapping[str, FakeQuantize], feeds, parity: list[OutputParity],
-                 config: QuantConfig, options: dict, seconds: float) -> dict:
+                 state: QuantState, feeds, parity: list[OutputParity], config: QuantConfig, options: dict,
+                 seconds: float) -> dict:
+    points, quantizers = state.points, state.quantizers
     by_node: dict[str, dict] = {}
     for point in points:
         for consumer in point.consumers:

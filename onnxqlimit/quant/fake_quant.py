@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .bits import ACT_BITS
+
 
 @dataclass(frozen=True)
 class QuantSpec:
@@ -23,8 +25,8 @@ class QuantSpec:
     channel_axis: int | None = None  # per-channel along this axis, or per-tensor
 
     def __post_init__(self):
-        if not 2 <= self.bits <= 16:
-            raise ValueError(f"bit width must be 2..16, got {self.bits}")
+        if self.bits not in ACT_BITS:  # the widest set; policy and plans check per kind
+            raise ValueError(f"bit width must be one of {ACT_BITS}, got {self.bits}")
 
     @property
     def qmin(self) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from ..errors import QLimitError
+from .bits import check_bits
 from .fake_quant import QuantSpec
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -39,11 +40,13 @@ class QuantConfig:
     overrides: tuple[tuple[str, int, int], ...] = ()  # (node name or regex, wbits, abits)
 
     def __post_init__(self):
-        widths = [("wbits", self.wbits), ("abits", self.abits)]
-        widths += [(kind, bits) for _, w, a in self.overrides for kind, bits in (("wbits", w), ("abits", a))]
-        for name, bits in widths:
-            if bits not in (2, 3, 4, 5, 6, 7, 8) and not (name == "abits" and bits == 16):
-                raise QLimitError(f"{name} must be 2..8 (activations also 16), got {bits}")
+        check_bits("weight", self.wbits)
+        check_bits("activation", self.abits)
+        if self.first_last_bits is not None:
+            check_bits("weight", self.first_last_bits, "--first-last-bits")
+        for _, w, a in self.overrides:
+            check_bits("weight", w, "--bits wbits")
+            check_bits("activation", a, "--bits abits")
         for pattern in self.exclude + tuple(p for p, *_ in self.overrides):
             try:
                 re.compile(pattern)
@@ -51,6 +54,7 @@ class QuantConfig:
                 raise QLimitError(f"bad node pattern {pattern!r}: {err}") from None
 
     def all_bits(self) -> set[int]:
+        """Every width the placement can give a quantizer (the BitPlan's opset floor before a search)."""
         bits = {self.wbits, self.abits} | {b for _, w, a in self.overrides for b in (w, a)}
         return bits | ({self.first_last_bits} if self.first_last_bits else set())
 
@@ -61,6 +65,7 @@ class QuantPoint:
     kind: str  # "weight" | "activation"
     spec: QuantSpec
     consumers: list[str] = field(default_factory=list)  # names of the nodes whose input it is
+    fixed: bool = False  # width set by the user (--bits) or the first/last rule: a search keeps it
 
 
 def _matches(patterns, node: onnx.NodeProto) -> bool:
@@ -80,7 +85,8 @@ def _weight_axis(node: onnx.NodeProto, weight_index: int, rank: int) -> int:
     return rank - 1 if weight_index == 1 else rank - 2  # MatMul: the axis that survives in the output
 
 
-def plan(model: onnx.ModelProto, config: QuantConfig) -> list[QuantPoint]:
+def place(model: onnx.ModelProto, config: QuantConfig) -> list[QuantPoint]:
+    """Where quantizers stand and their default widths (BitPlan.of(points) is the default plan)."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
@@ -88,31 +94,32 @@ def plan(model: onnx.ModelProto, config: QuantConfig) -> list[QuantPoint]:
     compute = [n for n in graph.node if n.op_type in COMPUTE_OPS and not _matches(config.exclude, n)]
     first, last = _first_and_last(graph)
 
-    def bits_for(node) -> tuple[int, int]:
-        wbits, abits = config.wbits, config.abits
+    def bits_for(node) -> tuple[int, int, bool]:
+        wbits, abits, fixed = config.wbits, config.abits, False
         for pattern, w, a in config.overrides:
             if _matches([pattern], node):
-                wbits, abits = w, a
+                wbits, abits, fixed = w, a, True
         if config.first_last_bits and (node.name in first or node.name in last):
-            wbits, abits = max(wbits, config.first_last_bits), max(abits, config.first_last_bits)
-        return wbits, abits
+            wbits, abits, fixed = max(wbits, config.first_last_bits), max(abits, config.first_last_bits), True
+        return wbits, abits, fixed
 
     weights: dict[str, QuantPoint] = {}
     acts: dict[str, QuantPoint] = {}
 
-    def add_act(tensor: str, bits: int, node) -> None:
+    def add_act(tensor: str, bits: int, fixed: bool, node) -> None:
         if tensor in inits or tensor in outputs or tensor not in float_acts:
             return
         point = acts.get(tensor)
         if point is None:
-            acts[tensor] = QuantPoint(tensor, "activation", QuantSpec(bits, config.act_symmetric), [node.name])
+            acts[tensor] = QuantPoint(tensor, "activation", QuantSpec(bits, config.act_symmetric), [node.name], fixed)
         else:  # a tensor read by several quantized ops gets the widest width asked for
             point.consumers.append(node.name)
+            point.fixed |= fixed
             if bits > point.spec.bits:
                 point.spec = QuantSpec(bits, config.act_symmetric)
 
     for node in compute:
-        wbits, abits = bits_for(node)
+        wbits, abits, fixed = bits_for(node)
         data_inputs = list(node.input[:2])
         weight_index = next((i for i in (1, 0) if i < len(data_inputs) and data_inputs[i] in inits
                              and inits[data_inputs[i]].data_type in _FLOAT_TYPES), None)
@@ -125,15 +132,16 @@ def plan(model: onnx.ModelProto, config: QuantConfig) -> list[QuantPoint]:
             spec = QuantSpec(wbits, config.weight_symmetric, axis)
             if name in weights:  # shared weight: keep one quantizer, the widest
                 weights[name].consumers.append(node.name)
+                weights[name].fixed |= fixed
                 if wbits > weights[name].spec.bits:
                     weights[name].spec = spec
             else:
-                weights[name] = QuantPoint(name, "weight", spec, [node.name])
+                weights[name] = QuantPoint(name, "weight", spec, [node.name], fixed)
         activation_inputs = [t for i, t in enumerate(data_inputs) if i != weight_index and t]
         if node.op_type == "MatMul" and weight_index is None and not config.quantize_act_matmul:
             continue  # activation x activation (attention) stays float unless asked for
         for tensor in activation_inputs:
-            add_act(tensor, abits, node)
+            add_act(tensor, abits, fixed, node)
 
     extra_ops = {"Add"} if config.quantize_add else set()
     extra_ops |= {"Concat"} if config.quantize_concat else set()
@@ -142,8 +150,9 @@ def plan(model: onnx.ModelProto, config: QuantConfig) -> list[QuantPoint]:
             inputs = [t for t in node.input if t and t not in inits]
             if node.op_type == "Add" and len(inputs) < 2:
                 continue  # bias-like Add of a constant is not a join
+            _, abits, fixed = bits_for(node)
             for tensor in inputs:
-                add_act(tensor, bits_for(node)[1], node)
+                add_act(tensor, abits, fixed, node)
     return list(weights.values()) + list(acts.values())
 
 

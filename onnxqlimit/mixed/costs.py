@@ -1,0 +1,159 @@
+"""What a bit plan costs, in the units budgets are given in.
+
+- size: bytes of weight storage as the exported file stores it - every initializer, with
+  quantized weights packed in their containers (3-bit weights in int4 count 4 bits) plus
+  their scales and zero points, and each activation quantizer's constants. The exported
+  file is measured the same way (`file_costs`), so the budget is checked on what ships.
+- avg_wbits: parameter-weighted logical weight bits over the quantized weights.
+- bitops: sum over compute nodes of MACs x weight bits x activation bits per sample at the
+  calibration shape (an unquantized operand counts 32 bits). For a MatMul of two
+  activations the second input plays the weight.
+- latency_ms: a per-node table measured with onnxruntime (mixed/latency.py) plus the
+  rest of the model as measured in float; int4/int2 activations run simulated in
+  onnxruntime, and the table says so in its numbers.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import Mapping
+
+import numpy as np
+import onnx
+import torch
+
+from ..calibrate import set_enabled
+from ..export import activation_storage_bytes, stored_bytes, weight_storage_bytes
+from ..mirror import Mirror
+from ..quant.bits import BitPlan
+from ..quant.policy import COMPUTE_OPS, QuantPoint
+from ..quant.fake_quant import FakeQuantize
+
+FLOAT_BITS = 32
+BUDGETS = ("size_bytes", "avg_wbits", "bitops", "latency_ms")
+
+
+@dataclass
+class NodeCost:
+    name: str
+    macs: int  # per sample
+    weight: str | None  # the quantizer playing the weight operand, if quantized
+    act: str | None  # the quantizer of the activation operand, if quantized
+
+
+class CostModel:
+    def __init__(self, model: onnx.ModelProto, mirror: Mirror, points: list[QuantPoint],
+                 quantizers: Mapping[str, FakeQuantize], sample: Mapping[str, np.ndarray],
+                 latency: dict | None = None):
+        self.points = {p.tensor: p for p in points}
+        weights = [p for p in points if p.kind == "weight"]
+        self.numel = {p.tensor: mirror.initializer(p.tensor).numel() for p in weights}
+        self.channels = {p.tensor: (mirror.initializer(p.tensor).shape[p.spec.channel_axis]
+                                    if p.spec.channel_axis is not None else 1) for p in weights}
+        used = {t for n in model.graph.node for t in n.input}
+        self.base_bytes = sum(stored_bytes(t) for t in model.graph.initializer
+                              if t.name in used and t.name not in self.numel)
+        self.nodes = _node_costs(mirror, self.points, quantizers, sample)
+        self.latency = latency  # {"base_ms": float, "nodes": {node: {"float" | "W/A": ms}}}
+
+    # ------------------------------------------------------------ per quantizer / per node
+
+    def storage(self, tensor: str, bits: int) -> int:
+        spec = replace(self.points[tensor].spec, bits=bits)
+        if tensor in self.numel:
+            return weight_storage_bytes(spec, self.numel[tensor], self.channels[tensor])
+        return activation_storage_bytes(spec)
+
+    def node_widths(self, node: NodeCost, bits: Mapping[str, int]) -> tuple[int, int]:
+        w = bits[node.weight] if node.weight else FLOAT_BITS
+        a = bits[node.act] if node.act else FLOAT_BITS
+        return w, a
+
+    def node_bitops(self, node: NodeCost, bits: Mapping[str, int]) -> float:
+        w, a = self.node_widths(node, bits)
+        return float(node.macs) * w * a
+
+    def node_latency(self, node: NodeCost, bits: Mapping[str, int]) -> float:
+        from .latency import FLOAT, pair_key
+
+        entries = self.latency["nodes"].get(node.name, {})
+        if not entries:
+            return 0.0
+        w, a = self.node_widths(node, bits)
+        if w == FLOAT_BITS or a == FLOAT_BITS:
+            return entries[FLOAT]
+        key = pair_key(w, a)
+        if key in entries:
+            return entries[key]
+        # A pair not measured: the slowest quantized entry, so a plan never looks faster than it is.
+        return max(v for k, v in entries.items() if k != FLOAT)
+
+    # ------------------------------------------------------------ whole plans
+
+    def evaluate(self, plan: BitPlan | Mapping[str, int]) -> dict[str, float]:
+        bits = plan.bits if isinstance(plan, BitPlan) else plan
+        weight_bits = sum(self.numel[t] * bits[t] for t in self.numel)
+        container_bits = sum(self.numel[t] * (4 if bits[t] == 3 else 8 if bits[t] > 4 else bits[t]) for t in self.numel)
+        params = max(1, sum(self.numel.values()))
+        costs = {"size_bytes": self.base_bytes + sum(self.storage(t, bits[t]) for t in self.points),
+                 "avg_wbits": weight_bits / params, "container_wbits": container_bits / params,
+                 "bitops": sum(self.node_bitops(n, bits) for n in self.nodes)}
+        if self.latency is not None:
+            costs["latency_ms"] = self.latency["base_ms"] + sum(self.node_latency(n, bits) for n in self.nodes)
+        return costs
+
+
+def _node_costs(mirror: Mirror, points: Mapping[str, QuantPoint], quantizers, sample) -> list[NodeCost]:
+    """MACs per sample of every compute node, from one float run on a single sample."""
+    compute = [n for n in mirror.nodes if n.op_type in COMPUTE_OPS]
+    wanted = list(dict.fromkeys(t for n in compute for t in (*n.inputs[:2], n.outputs[0]) if t))
+    set_enabled(quantizers, False)
+    try:
+        with torch.no_grad():
+            env = mirror.execute(mirror.initial_env({k: v[:1] for k, v in sample.items()}), keep=wanted)
+    finally:
+        set_enabled(quantizers, True)
+    shapes = {t: tuple(env[t].shape) for t in wanted if t in env}
+    costs = []
+    for node in compute:
+        a_shape, b_shape, out = (shapes.get(t, ()) for t in (node.inputs[0], node.inputs[1], node.outputs[0]))
+        macs = _macs(node, a_shape, b_shape, out)
+        quantized = [points.get(t) for t in node.inputs[:2]]
+        weight = next((p.tensor for p in quantized if p is not None and p.kind == "weight"), None)
+        acts = [p.tensor for p in quantized if p is not None and p.kind == "activation"]
+        if weight is None and len(acts) == 2:  # activation x activation: B plays the weight
+            weight, acts = acts[1], acts[:1]
+        costs.append(NodeCost(node.name, macs, weight, acts[0] if acts else None))
+    return costs
+
+
+def _macs(node, a_shape: tuple, b_shape: tuple, out: tuple) -> int:
+    numel = int(np.prod(out)) if out else 0
+    if node.op_type == "Conv" and len(b_shape) >= 2:
+        return numel * int(np.prod(b_shape[1:]))
+    if node.op_type == "ConvTranspose" and len(b_shape) >= 2:
+        return int(np.prod(a_shape)) * int(np.prod(b_shape[1:]))
+    if node.op_type == "Gemm" and len(a_shape) == 2:
+        return numel * a_shape[0 if node.attr("transA", 0) else 1]
+    if a_shape:  # MatMul
+        return numel * a_shape[-1]
+    return 0
+
+
+def file_costs(model: onnx.ModelProto, cost_model: CostModel, plan: BitPlan) -> dict[str, float]:
+    """Costs of an exported QDQ file: storage measured from its initializers, and the plan
+    it records in its metadata checked against the integer types and ranges it holds."""
+    inits = {t.name: t for t in model.graph.initializer}
+    recorded = json.loads(next((p.value for p in model.metadata_props if p.key == "onnxqlimit.bit_plan"), "{}"))
+    if recorded != dict(plan.bits):
+        raise ValueError("the exported file's recorded bit plan differs from the plan")
+    for tensor, point in cost_model.points.items():
+        if point.kind != "weight":
+            continue
+        ints = onnx.numpy_helper.to_array(inits[f"{tensor}_quantized"]).astype(np.int64)
+        spec = replace(point.spec, bits=plan.bits[tensor])
+        if ints.min(initial=spec.qmin) < spec.qmin or ints.max(initial=spec.qmax) > spec.qmax:
+            raise ValueError(f"{tensor}: stored integers exceed the {spec.bits}-bit range")
+    costs = cost_model.evaluate(plan)
+    costs["size_bytes"] = sum(stored_bytes(t) for t in model.graph.initializer)
+    return costs

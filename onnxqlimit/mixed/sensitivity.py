@@ -1,0 +1,314 @@
+"""How much each quantizer, at each width, costs the model: the Fisher approximation.
+
+The task loss is label-free: KL(float || quantized) for class outputs, relative squared
+error otherwise (fisher.task_loss). Its Hessian at the float model is the Fisher
+information, estimated from squared gradients of the model's own sampled predictions
+(fisher.sampled_nll). Following BRECQ, the loss increase of a block whose quantizers are
+set to a configuration c is
+
+    dL_B(c) ~= 1/2 * sum over the block's outputs of F * (z_c - z)^2,
+
+with z the float block output, z_c the output with the block's quantizers (round to
+nearest) at c and every other block float. Blocks are taken as independent of each
+other; inside a block the layers' errors interact, so each candidate configuration is
+measured jointly, not summed from single-quantizer terms. The single-quantizer terms (the
+diagonal) are measured too: they guide which configurations to measure in blocks too
+large to enumerate, and are what the validation tool ranks against the real loss.
+
+The table depends on the model, the calibration data and these options only, so it is
+cached in the work directory: a new budget is a new search, not a new measurement.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx
+import torch
+from tqdm import tqdm
+
+from ..blocks import Block, BlockConfig, find_blocks
+from ..calibrate import set_enabled
+from ..errors import QLimitError
+from ..fisher import GradTap, sampled_nll
+from ..mirror import Mirror
+from ..quant.bits import check_bits
+from ..quant.policy import QuantPoint
+from ..reconstruct import quantizer_owners
+from ..state import QuantState
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SensitivityConfig:
+    wbits_choices: tuple[int, ...] = (2, 3, 4, 8)
+    abits_choices: tuple[int, ...] = (4, 8)
+    samples: int = 32  # calibration samples the losses are averaged over
+    chunk: int = 8  # samples per forward pass
+    max_block_configs: int = 64  # joint configurations measured per block at most
+    seed: int = 0
+
+    def __post_init__(self):
+        for kind, name, widths in (("weight", "--wbits-choices", self.wbits_choices),
+                                   ("activation", "--abits-choices", self.abits_choices)):
+            if not widths:
+                raise QLimitError(f"{name} needs at least one width")
+            for bits in widths:
+                check_bits(kind, bits, name)
+        if self.samples < 1 or self.chunk < 1 or self.max_block_configs < 2:
+            raise QLimitError("sensitivity samples, chunk and block configurations must be positive")
+
+
+@dataclass
+class BlockOption:
+    bits: dict[str, int]  # the block's quantizers -> width
+    loss: float  # predicted task-loss increase, measured jointly
+
+
+@dataclass
+class SensitivityTable:
+    choices: dict[str, list[int]]  # quantizer -> widths the search may give it (one for fixed ones)
+    owner: dict[str, int]  # quantizer -> block index
+    diagonal: dict[str, dict[int, float]]  # quantizer -> width -> loss increase with it alone quantized
+    blocks: list[list[BlockOption]]  # per block: the jointly measured configurations
+    samples: int = 0
+    seconds: float = 0.0
+    from_cache: bool = False
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["diagonal"] = {t: {str(b): v for b, v in d.items()} for t, d in self.diagonal.items()}
+        data.pop("from_cache")
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> SensitivityTable:
+        return cls(choices=data["choices"], owner=data["owner"],
+                   diagonal={t: {int(b): v for b, v in d.items()} for t, d in data["diagonal"].items()},
+                   blocks=[[BlockOption(**o) for o in opts] for opts in data["blocks"]],
+                   samples=data["samples"], seconds=data["seconds"], from_cache=True)
+
+
+def cache_key(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], state: QuantState, config: SensitivityConfig,
+              block_config: BlockConfig, quant_settings: dict) -> str:
+    """Model + calibration samples used + placement + options: what the table depends on."""
+    digest = hashlib.sha256()
+    digest.update(model.SerializeToString(deterministic=True))
+    for name in sorted(feeds):
+        array = np.ascontiguousarray(feeds[name][: config.samples])
+        digest.update(name.encode() + str(array.dtype).encode() + str(array.shape).encode() + array.tobytes())
+    points = [(p.tensor, p.kind, p.fixed, p.spec.bits if p.fixed else None, p.spec.symmetric, p.spec.channel_axis)
+              for p in state.points]
+    digest.update(json.dumps([CACHE_VERSION, points, asdict(config), asdict(block_config), quant_settings],
+                             sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:24]
+
+
+def load_or_measure(mirror: Mirror, model: onnx.ModelProto, state: QuantState, feeds: Mapping[str, np.ndarray],
+                    config: SensitivityConfig, block_config: BlockConfig, work_dir: Path | None, quant_settings: dict,
+                    hints: tuple[Mapping[str, float], Mapping[str, float]], progress: bool = True) -> SensitivityTable:
+    path = None
+    if work_dir is not None:
+        key = cache_key(model, feeds, state, config, block_config, quant_settings)
+        path = Path(work_dir) / f"sensitivity-{key}.json"
+        if path.is_file():
+            try:
+                return SensitivityTable.from_json(json.loads(path.read_text()))
+            except (ValueError, KeyError, TypeError):
+                pass  # a damaged cache file is measured again and overwritten
+    table = measure(mirror, model, state, feeds, config, block_config, hints, progress)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(table.to_json()))
+        tmp.replace(path)
+    return table
+
+
+@dataclass
+class _Samples:
+    """Float tensors at block boundaries and the Fisher diagonal at block outputs, per chunk."""
+
+    values: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    fisher: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    count: int = 0
+
+
+def measure(mirror: Mirror, model: onnx.ModelProto, state: QuantState, feeds: Mapping[str, np.ndarray],
+            config: SensitivityConfig, block_config: BlockConfig, hints: tuple[Mapping[str, float], Mapping[str, float]],
+            progress: bool = True) -> SensitivityTable:
+    """Measure the table; `hints` are (parameters, multiply-adds) per quantizer, to steer
+    which configurations of large blocks are measured."""
+    started = time.perf_counter()
+    blocks = find_blocks(model, block_config)
+    owners, on_entry = quantizer_owners(mirror, blocks, state.points)
+    choices = {p.tensor: [p.spec.bits] if p.fixed else
+               sorted(set(config.wbits_choices if p.kind == "weight" else config.abits_choices)) for p in state.points}
+    samples = _float_pass(mirror, state, feeds, blocks, config)
+    runner = _BlockLoss(mirror, state, samples, on_entry)
+    table = SensitivityTable(choices, {p.tensor: b for b, pts in owners.items() for p in pts}, {},
+                             [[] for _ in blocks], samples.count)
+    bar = tqdm(total=len(blocks), desc="sensitivity", unit="block", disable=not progress, leave=False)
+    try:
+        for block in blocks:
+            owned = owners.get(block.index, [])
+            for point in owned:
+                if len(choices[point.tensor]) > 1:
+                    table.diagonal[point.tensor] = {b: runner.loss(block, owned, {point.tensor: b})
+                                                    for b in choices[point.tensor]}
+            for bits in _block_configs(owned, choices, table.diagonal, hints, config.max_block_configs):
+                table.blocks[block.index].append(BlockOption(bits, runner.loss(block, owned, bits)))
+            bar.update()
+    finally:
+        bar.close()
+        runner.restore()
+    table.seconds = time.perf_counter() - started
+    return table
+
+
+def _float_pass(mirror: Mirror, state: QuantState, feeds: Mapping[str, np.ndarray], blocks: list[Block],
+                config: SensitivityConfig) -> _Samples:
+    total = len(next(iter(feeds.values())))
+    count = min(config.samples, total)
+    kept = list(dict.fromkeys([*mirror.input_names, *(t for b in blocks for t in b.inputs + b.context + b.outputs)]))
+    loss_names = list(dict.fromkeys(t for b in blocks for t in b.loss_outputs))
+    store: dict[str, torch.Tensor] = {}
+    hooks = {name: mirror.get_hook(name) for name in loss_names}
+    samples = _Samples({n: [] for n in kept}, {n: [] for n in loss_names}, count)
+    generator = torch.Generator().manual_seed(config.seed)
+    set_enabled(state.quantizers, False)
+    try:
+        for name, hook in hooks.items():
+            mirror.set_hook(name, GradTap(hook, store, name))
+        for start in range(0, count, config.chunk):
+            batch = {k: v[start:min(start + config.chunk, count)] for k, v in feeds.items()}
+            env = mirror.execute(mirror.initial_env(batch), keep=kept)
+            loss = sum(sampled_nll(env[o], generator) for o in mirror.output_names if env[o].is_floating_point())
+            tapped = [store[n] for n in loss_names]
+            grads = torch.autograd.grad(loss, tapped, allow_unused=True) if torch.is_tensor(loss) and loss.requires_grad \
+                else [None] * len(tapped)
+            for name, t, g in zip(loss_names, tapped, grads):
+                samples.fisher[name].append(torch.zeros_like(t).detach() if g is None else g.detach().float().pow(2))
+            for name in kept:
+                samples.values[name].append(env[name].detach())
+            store.clear()
+    finally:
+        for name, hook in hooks.items():
+            mirror.set_hook(name, hook)
+        set_enabled(state.quantizers, True)
+    return samples
+
+
+class _BlockLoss:
+    """Runs one block from float inputs with some of its quantizers at given widths."""
+
+    def __init__(self, mirror: Mirror, state: QuantState, samples: _Samples, on_entry: set[str]):
+        self.mirror, self.state, self.samples, self.on_entry = mirror, state, samples, on_entry
+
+    def _configure(self, owned: list[QuantPoint], bits: Mapping[str, int]) -> None:
+        set_enabled(self.state.quantizers, False)
+        for point in owned:
+            if point.tensor in bits:
+                quantizer = self.state.quantizers[point.tensor]
+                quantizer.spec = replace(point.spec, bits=bits[point.tensor])
+                quantizer.set_qparams(*self.state.calibration.qparams(point, bits[point.tensor]))
+                quantizer.enabled = True
+
+    def loss(self, block: Block, owned: list[QuantPoint], bits: Mapping[str, int]) -> float:
+        self._configure(owned, bits)
+        mirror, samples = self.mirror, self.samples
+        total = 0.0
+        with torch.no_grad():
+            weights = mirror.initializer_env(mirror.initializers_read(block.node_range))
+            for c in range(len(next(iter(samples.values.values())))):
+                env = dict(weights)
+                for name in block.inputs + block.context:
+                    x = samples.values[name][c]
+                    env[name] = self.state.quantizers[name](x) if name in self.on_entry else x
+                mirror.execute(env, block.node_range, keep=block.loss_outputs)
+                for name in block.loss_outputs:
+                    diff = env[name].float() - samples.values[name][c].float()
+                    total += 0.5 * float((samples.fisher[name][c] * diff.pow(2)).sum())
+        return total / samples.count
+
+    def restore(self) -> None:
+        """Every quantizer back to its point's width and scales, enabled."""
+        for point in self.state.points:
+            quantizer = self.state.quantizers[point.tensor]
+            quantizer.spec = point.spec
+            quantizer.set_qparams(*self.state.calibration.qparams(point, point.spec.bits))
+        set_enabled(self.state.quantizers, True)
+
+
+def _block_configs(owned: list[QuantPoint], choices: Mapping[str, list[int]], diagonal: Mapping[str, Mapping[int, float]],
+                   hints: tuple[Mapping[str, float], Mapping[str, float]], limit: int) -> list[dict[str, int]]:
+    """The configurations of one block to measure jointly.
+
+    All of them when there are at most `limit`; otherwise the uniform ones (every weight at
+    one width, every activation at one width) and greedy descents from the widest
+    configuration that lower, step by step, the quantizer with the smallest predicted loss
+    increase per unit of cost saved - over weights alone for each activation width with
+    parameters as the cost (size budgets), and over all quantizers with multiply-adds as
+    the cost (BitOps and latency budgets).
+    """
+    tensors = [p.tensor for p in owned]
+    if not tensors:
+        return [{}]
+    grid = [choices[t] for t in tensors]
+    if np.prod([len(g) for g in grid]) <= limit:
+        return [dict(zip(tensors, combo)) for combo in itertools.product(*grid)]
+    kinds = {p.tensor: p.kind for p in owned}
+    found: list[dict[str, int]] = []
+
+    def add(config: dict[str, int]) -> None:
+        if config not in found:
+            found.append(dict(config))
+
+    wset = sorted({b for t in tensors if kinds[t] == "weight" for b in choices[t]})
+    aset = sorted({b for t in tensors if kinds[t] == "activation" for b in choices[t]})
+    for w in wset or [None]:
+        for a in aset or [None]:
+            add({t: _nearest(choices[t], w if kinds[t] == "weight" else a) for t in tensors})
+
+    def descend(config: dict[str, int], movable: list[str], cost_hint: Mapping[str, float]) -> None:
+        config = dict(config)
+        while True:
+            moves = []
+            for t in movable:
+                lower = [b for b in choices[t] if b < config[t]]
+                if lower:
+                    to = max(lower)
+                    gain = max(diagonal.get(t, {}).get(to, 0.0) - diagonal.get(t, {}).get(config[t], 0.0), 0.0)
+                    saved = cost_hint.get(t, 1.0) * (config[t] - to)
+                    moves.append((gain / max(saved, 1e-30), t, to))
+            if not moves:
+                return
+            _, t, to = min(moves)
+            config[t] = to
+            add(config)
+
+    top = {t: max(choices[t]) for t in tensors}
+    weights_only = [t for t in tensors if kinds[t] == "weight"]
+    for a in aset or [None]:
+        descend({**top, **{t: _nearest(choices[t], a) for t in tensors if kinds[t] == "activation"}}, weights_only,
+                hints[0])
+    descend(top, tensors, hints[1])
+    if len(found) > limit:  # keep the uniform ones and an even spread of the rest
+        head = len(wset or [0]) * len(aset or [0])
+        rest = found[head:]
+        picks = np.linspace(0, len(rest) - 1, limit - head).round().astype(int)
+        found = found[:head] + [rest[i] for i in dict.fromkeys(picks.tolist())]
+    return found
+
+
+def _nearest(widths: list[int], bits: int | None) -> int:
+    if bits is None:
+        return max(widths)
+    return min(widths, key=lambda b: (abs(b - bits), -b))

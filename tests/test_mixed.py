@@ -1,0 +1,185 @@
+"""Mixed precision: budgets met on the exported file, plans as files, solvers, the sensitivity cache."""
+from __future__ import annotations
+
+import json
+import itertools
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxqlimit.cli import main
+from onnxqlimit.errors import QLimitError
+from onnxqlimit.export import stored_bytes
+from onnxqlimit.mixed.search import MixedConfig, Targets
+from onnxqlimit.mixed.sensitivity import SensitivityConfig
+from onnxqlimit.mixed.solvers import GAConfig, Problem, solve_ga, solve_milp
+from onnxqlimit.parity import ort_session
+from onnxqlimit.quant.bits import BitPlan
+from onnxqlimit.quant.policy import QuantConfig
+from onnxqlimit.quantize import RunOptions, quantize
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+RESNET, CALIB = str(MODELS / "zoo_resnet.onnx"), str(MODELS / "zoo_resnet_calib.npz")
+
+
+def _run(tmp_path, work_dir, targets: Targets, name="out", method="rtn", solver="milp", seed=0, **extra):
+    options = RunOptions(method=method, calib_size=64, progress=False, seed=seed, iters=20,
+                         mixed=MixedConfig(targets, SensitivityConfig(samples=16), solver, GAConfig(seed=seed), work_dir),
+                         **extra)
+    return quantize(RESNET, tmp_path / f"{name}.onnx", CALIB, QuantConfig(wbits=8, abits=8), options)
+
+
+@pytest.fixture(scope="module")
+def work_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("work")
+
+
+def _weight_types(path) -> dict[str, int]:
+    model = onnx.load(str(path))
+    return {t.name: t.data_type for t in model.graph.initializer if t.name.endswith("_quantized")}
+
+
+def test_size_budget_is_met_on_the_file_and_layers_get_their_own_types(tmp_path, work_dir):
+    result = _run(tmp_path, work_dir, Targets(size_bytes=45_000))
+    model = onnx.load(str(result.output_path))
+    stored = sum(stored_bytes(t) for t in model.graph.initializer)
+    assert stored == result.report["costs"]["size_bytes"] <= 45_000
+    types = set(_weight_types(result.output_path).values())
+    assert len(types) >= 2, types  # int8 for the first/last layers, narrower elsewhere
+    plan = json.loads(next(p.value for p in model.metadata_props if p.key == "onnxqlimit.bit_plan"))
+    assert set(plan.values()) - {8}, plan
+    assert all(p["within_one_step"] > 0.99 for p in result.report["parity"])  # parity holds as for uniform widths
+
+
+@pytest.mark.parametrize("targets,key,limit", [
+    (Targets(avg_wbits=3.0), "avg_wbits", 3.0),
+    (Targets(bitops=0.25e9), "bitops", 0.25e9),
+    (Targets(size_bytes=40_000, bitops=0.3e9), "bitops", 0.3e9),
+])
+def test_each_budget_is_met(tmp_path, work_dir, targets, key, limit):
+    result = _run(tmp_path, work_dir, targets)
+    costs = result.report["costs"]
+    assert costs[key] <= limit
+    if targets.size_bytes:
+        assert costs["size_bytes"] <= targets.size_bytes
+
+
+def test_tighter_budget_gives_a_smaller_plan_with_a_larger_predicted_loss(tmp_path, work_dir):
+    loose = _run(tmp_path, work_dir, Targets(avg_wbits=6.0), "loose").report
+    tight = _run(tmp_path, work_dir, Targets(avg_wbits=3.0), "tight").report
+    assert tight["costs"]["avg_wbits"] < loose["costs"]["avg_wbits"]
+    assert tight["mixed_precision"]["predicted_loss"] > loose["mixed_precision"]["predicted_loss"]
+
+
+def test_unreachable_budget_is_one_line_and_exit_2(tmp_path, capsys):
+    code = main(["quantize", RESNET, "-o", str(tmp_path / "x.onnx"), "--calib", CALIB, "--method", "rtn",
+                 "--calib-size", "32", "--quiet", "--target-size", "5KB", "--work-dir", str(tmp_path / "w")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "smallest reachable" in err, err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_plan_round_trips_through_json_and_bits_plan(tmp_path, work_dir, capsys):
+    out, plan_file = tmp_path / "m.onnx", tmp_path / "plan.json"
+    common = ["--calib", CALIB, "--method", "rtn", "--calib-size", "64", "--quiet", "--work-dir", str(work_dir)]
+    assert main(["quantize", RESNET, "-o", str(out), "--target-avg-wbits", "3.5", "--save-plan", str(plan_file),
+                 *common]) == 0
+    saved = json.loads(plan_file.read_text())
+    assert saved and all(set(v) <= {"wbits", "abits"} for v in saved.values())
+    again = tmp_path / "again.onnx"
+    assert main(["quantize", RESNET, "-o", str(again), "--bits-plan", str(plan_file), *common]) == 0
+    assert _weight_types(out) == _weight_types(again)
+    a, b = (ort_session(str(p)) for p in (out, again))
+    x = np.load(CALIB)["input"][:4]
+    assert np.array_equal(a.run(None, {"input": x})[0], b.run(None, {"input": x})[0])
+    # an edited plan takes effect: one layer to 2 bits
+    node = next(n for n, v in saved.items() if v.get("wbits", 8) < 8)
+    saved[node]["wbits"] = 2
+    plan_file.write_text(json.dumps(saved))
+    edited = tmp_path / "edited.onnx"
+    assert main(["quantize", RESNET, "-o", str(edited), "--bits-plan", str(plan_file), *common]) == 0
+    assert onnx.TensorProto.INT2 in _weight_types(edited).values()
+
+
+@pytest.mark.parametrize("entries,message", [
+    ({"no_such_node": {"wbits": 4}}, "no quantized node or tensor"),
+    ({"/fc/Gemm": {"wbits": 1}}, "must be"),
+    ({"/fc/Gemm": {"wbitz": 4}}, "expected"),
+])
+def test_bad_plans_are_refused(tmp_path, entries, message):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(entries))
+    with pytest.raises(QLimitError, match=message):
+        quantize(RESNET, tmp_path / "o.onnx", CALIB, QuantConfig(),
+                 RunOptions(method="rtn", calib_size=16, progress=False, bits_plan=str(path)))
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_search_is_deterministic_for_a_seed(tmp_path, work_dir):
+    plans = [_run(tmp_path, work_dir, Targets(bitops=0.3e9), f"ga{i}", solver="ga", seed=3).report["plan"]
+             for i in range(2)]
+    assert plans[0] == plans[1]
+
+
+def test_sensitivities_are_cached_and_invalidated(tmp_path):
+    work = tmp_path / "cache"
+    first = _run(tmp_path, work, Targets(avg_wbits=4.0), "a").report["mixed_precision"]
+    second = _run(tmp_path, work, Targets(avg_wbits=3.0), "b").report["mixed_precision"]
+    assert not first["sensitivity_cached"] and second["sensitivity_cached"]
+    assert len(list(work.glob("sensitivity-*.json"))) == 1
+    # other calibration data: measured again
+    data = np.load(CALIB)
+    other = tmp_path / "other.npz"
+    np.savez(other, input=data["input"][::-1].copy())
+    options = RunOptions(method="rtn", calib_size=64, progress=False,
+                         mixed=MixedConfig(Targets(avg_wbits=3.0), SensitivityConfig(samples=16), work_dir=work))
+    third = quantize(RESNET, tmp_path / "c.onnx", str(other), QuantConfig(), options).report["mixed_precision"]
+    assert not third["sensitivity_cached"]
+    # another model (the MobileNetV2): measured again
+    mbv2 = quantize(str(MODELS / "zoo_mobilenetv2.onnx"), tmp_path / "d.onnx", str(MODELS / "zoo_mobilenetv2_calib.npz"),
+                    QuantConfig(), options).report["mixed_precision"]
+    assert not mbv2["sensitivity_cached"]
+    assert len(list(work.glob("sensitivity-*.json"))) == 3
+
+
+def test_target_metric_holds_on_the_exported_file(tmp_path, work_dir):
+    result = _run(tmp_path, work_dir, Targets(metric=0.95))
+    report = result.report
+    assert report["metric"] >= 0.95
+    assert report["mixed_precision"]["metric_estimate"] >= 0.95
+    assert report["costs"]["avg_wbits"] < 8  # not simply everything at 8 bits
+
+
+def test_mixed_plan_with_reconstruction_passes_parity(tmp_path, work_dir):
+    result = _run(tmp_path, work_dir, Targets(avg_wbits=3.5), method="qdrop")
+    assert result.report["reconstruction"]["blocks"]
+    assert all(p["within_one_step"] > 0.99 for p in result.report["parity"])
+    assert result.report["integer_parity"]["flipped"] < 0.01
+
+
+def test_milp_is_exact_and_ga_finds_a_feasible_plan():
+    rng = np.random.default_rng(0)
+    losses = [rng.random(4) for _ in range(5)]
+    costs = [rng.random((4, 2)) for _ in range(5)]
+    problem = Problem(losses, costs, np.array([2.0, 2.2]))
+    best = min((c for c in itertools.product(range(4), repeat=5) if problem.feasible(list(c))),
+               key=lambda c: problem.totals(list(c))[0])
+    exact = solve_milp(problem)
+    assert exact is not None and problem.totals(exact)[0] == pytest.approx(problem.totals(list(best))[0])
+    ga = solve_ga(problem, GAConfig(seed=1))
+    assert ga is not None and problem.feasible(ga)
+    assert problem.totals(ga)[0] >= problem.totals(exact)[0] - 1e-12
+
+
+def test_bit_plan_node_view_takes_the_widest_width_for_a_shared_activation():
+    from onnxqlimit.quant.fake_quant import QuantSpec
+    from onnxqlimit.quant.policy import QuantPoint
+
+    points = [QuantPoint("x", "activation", QuantSpec(8, False), ["a", "b"]),
+              QuantPoint("w", "weight", QuantSpec(8, True, 0), ["a"])]
+    plan = BitPlan.from_nodes({"a": {"wbits": 3, "abits": 4}, "b": {"abits": 6}}, points)
+    assert plan.bits == {"x": 6, "w": 3}
+    assert BitPlan.from_nodes(plan.to_nodes(points), points) == plan
+    assert plan.opset() == 21
