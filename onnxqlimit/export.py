@@ -59,10 +59,18 @@ def stored_bytes(tensor: onnx.TensorProto) -> int:
     return -(-count * bits // 8)
 
 
-def weight_storage_bytes(spec: QuantSpec, numel: int, channels: int) -> int:
-    """What _insert_weight stores for a weight: packed integers, float32 scales, zero points."""
+def _needs_fusion_guard(spec: QuantSpec) -> bool:
+    return container_bits(spec.bits) == 2
+
+
+def weight_storage_bytes(spec: QuantSpec, shape: tuple[int, ...]) -> int:
+    """What _insert_weight stores for a weight: packed integers, float32 scales, zero points
+    (and, for int2, the fusion guard's shape)."""
     container = container_bits(spec.bits)
-    return -(-numel * container // 8) + 4 * channels + -(-channels * container // 8)
+    numel = int(np.prod(shape))
+    channels = shape[spec.channel_axis] if spec.channel_axis is not None else 1
+    guard = 8 * len(shape) if _needs_fusion_guard(spec) else 0
+    return -(-numel * container // 8) + 4 * channels + -(-channels * container // 8) + guard
 
 
 def activation_storage_bytes(spec: QuantSpec) -> int:
@@ -122,6 +130,15 @@ def _insert_weight(graph, point: QuantPoint, quantizer: FakeQuantize, weight) ->
     attrs = {"axis": spec.channel_axis} if spec.channel_axis is not None else {}
     graph.node.append(helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
                                        [f"{base}_dequantized"], name=f"{base}_DequantizeLinear", **attrs))
+    if _needs_fusion_guard(spec):
+        # onnxruntime 1.32 fuses DQ(weight) -> Conv/Gemm/MatMul with 8-bit activations into
+        # QLinearConv & co. without checking the weight type, and an int2 weight then makes
+        # session creation fail (INVALID_GRAPH) at the default optimization level. A
+        # same-shape Reshape between the DQ and its readers is exact and stops the match.
+        graph.initializer.append(numpy_helper.from_array(np.array(ints.shape, np.int64), f"{base}_shape"))
+        graph.node.append(helper.make_node("Reshape", [f"{base}_dequantized", f"{base}_shape"], [f"{base}_unfused"],
+                                           name=f"{base}_Reshape"))
+        return f"{base}_unfused"
     return f"{base}_dequantized"
 
 
