@@ -51,8 +51,8 @@ class SensitivityConfig:
     wbits_choices: tuple[int, ...] = (2, 3, 4, 8)
     abits_choices: tuple[int, ...] = (4, 8)
     samples: int = 32  # calibration samples the losses are averaged over
-    chunk: int = 8  # samples per forward pass
-    max_block_configs: int = 64  # joint configurations measured per block at most
+    chunk: int = 16  # samples per forward pass
+    max_block_configs: int = 32  # joint configurations measured per block at most
     seed: int = 0
 
     def __post_init__(self):
