@@ -1,8 +1,9 @@
 """Mixed precision: budgets met on the exported file, plans as files, solvers, the sensitivity cache."""
 from __future__ import annotations
 
-import json
+import contextlib
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -198,3 +199,25 @@ def test_two_bit_weights_beside_eight_bit_inputs_load_with_default_optimizations
     # the 8-bit first/last layers do run fused, whose integer kernels round differently on some CPUs
     assert np.abs(plain - optimized).max() < 0.02 * np.ptp(plain)
     assert (plain.argmax(1) == optimized.argmax(1)).mean() >= 0.75
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--target-avg-wbits", "3", "--wbits-choices", "1,4"], "--wbits-choices must be"),
+    (["--target-metric", "1.5"], "--target-metric must be in"),
+    (["--target-bitops", "1", "--solver", "magic"], "--solver must be one of"),
+    (["--target-size", "0KB"], "positive size"),
+    (["--target-size", "lots"], "expected a size"),
+    (["--target-size", "50KB", "--bits-plan", "plan.json"], "cannot be combined"),
+    (["--bits-plan", "missing.json"], "no such bit plan file"),
+])
+def test_bad_mixed_precision_options_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plan.json").write_text("{}")
+    argparse_error = message in ("positive size", "expected a size")  # argparse exits 2 itself
+    with pytest.raises(SystemExit) if argparse_error else contextlib.nullcontext():
+        code = main(["quantize", RESNET, "-o", "x.onnx", "--calib", CALIB, "--method", "rtn", "--quiet",
+                     "--work-dir", "w", *args])
+        assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1], err
+    assert not (tmp_path / "x.onnx").exists()
