@@ -221,3 +221,13 @@ def test_bad_mixed_precision_options_are_one_line_and_exit_2(tmp_path, capsys, m
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1], err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_latency_budget_is_met_by_the_measured_table(tmp_path, work_dir):
+    with pytest.raises(QLimitError, match="smallest reachable") as refused:
+        _run(tmp_path, work_dir, Targets(latency_ms=1e-4))
+    reachable = float(str(refused.value).split("smallest reachable is ")[1].split(" ms")[0])
+    report = _run(tmp_path, work_dir, Targets(latency_ms=1.2 * reachable)).report  # same cached table
+    assert report["costs"]["latency_ms"] <= 1.2 * reachable
+    assert report["costs"]["measured_latency_ms"] > 0  # the file itself, timed in onnxruntime
+    assert len(list(work_dir.glob("latency-*.json"))) == 1
