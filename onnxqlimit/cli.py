@@ -6,7 +6,7 @@ import logging
 import sys
 
 from . import __version__
-from .blocks import GRANULARITIES
+from .recon.blocks import GRANULARITIES
 from .errors import QLimitError
 
 
@@ -159,7 +159,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from .mixed.solvers import SOLVERS, GAConfig
     from .quant.policy import QuantConfig
     from .quantize import RunOptions, quantize, write_report
-    from .reconstruct import ReconConfig
+    from .recon import ReconConfig
 
     if args.first_last_bits not in ("same",) and not args.first_last_bits.isdigit():
         raise QLimitError(f"--first-last-bits must be a bit width or 'same' (got {args.first_last_bits!r})")
@@ -241,7 +241,7 @@ def _inspect(args: argparse.Namespace) -> int:
           f"{len(model.graph.node)} after loading (simplified, constants lifted, BatchNorm folded)")
     print(format_summary(summarize(model)))
     if args.blocks:
-        from .blocks import BlockConfig, find_blocks, format_blocks
+        from .recon.blocks import BlockConfig, find_blocks, format_blocks
 
         config = BlockConfig(granularity=args.granularity, max_layers=args.block_layers)
         print(f"\nreconstruction blocks (granularity {args.granularity}, at most {args.block_layers} layers per block):")

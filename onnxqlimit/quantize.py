@@ -28,7 +28,7 @@ from .mixed.search import EvalData, MixedConfig, SearchResult, result_json, sear
 from .parity import check_integers, check_mirror, format_parity, ort_session
 from .quant.bits import BitPlan, plan_widths, read_plan_file
 from .quant.policy import QuantConfig, place
-from .reconstruct import METHODS, PRESETS, ReconConfig, reconstruct
+from .recon import METHODS, PRESETS, ReconConfig, reconstruct
 from .report import build_report
 from .state import QuantState
 

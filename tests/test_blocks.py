@@ -1,4 +1,4 @@
-"""Reconstruction blocks found from the graph (onnxqlimit/blocks.py) and `inspect --blocks`."""
+"""Reconstruction blocks found from the graph (onnxqlimit/recon/blocks.py) and `inspect --blocks`."""
 from __future__ import annotations
 
 import itertools
@@ -9,7 +9,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from onnxqlimit.blocks import (
+from onnxqlimit.recon.blocks import (
     Block,
     BlockConfig,
     context_tensors,

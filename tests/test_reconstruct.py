@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from onnxqlimit.block_cache import BatchLayout, TensorCache, probe_layout
+from onnxqlimit.recon.block_cache import BatchLayout, TensorCache, probe_layout
 from onnxqlimit.calibrate import attach_quantizers, calibrate
 from onnxqlimit.data import batches, calibration_feeds
 from onnxqlimit.errors import QLimitError
-from onnxqlimit.fisher import task_loss
+from onnxqlimit.recon.fisher import task_loss
 from onnxqlimit.load import LoadConfig, load_model
 from onnxqlimit.mirror import Mirror
 from onnxqlimit.parity import ort_session
@@ -18,7 +18,7 @@ from onnxqlimit.quant.fake_quant import FakeQuantize, QuantSpec
 from onnxqlimit.quant.policy import QuantConfig, place
 from onnxqlimit.state import QuantState
 from onnxqlimit.quantize import RunOptions, quantize
-from onnxqlimit.reconstruct import ReconConfig, reconstruct
+from onnxqlimit.recon import ReconConfig, reconstruct
 from tests.conftest import MODELS
 
 TINY = {"calib_size": 64, "batch_size": 16, "parity_samples": 8, "progress": False}

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from onnxqlimit.quant.policy import QuantConfig  # noqa: E402
 from onnxqlimit.quantize import RunOptions, quantize  # noqa: E402
-from onnxqlimit.reconstruct import ReconConfig  # noqa: E402
+from onnxqlimit.recon import ReconConfig  # noqa: E402
 from tools import tasks  # noqa: E402
 from tools.eval_float import MODELS  # noqa: E402
 from tools.ort_baseline import quantize_with_ort  # noqa: E402

@@ -26,7 +26,7 @@ from onnxqlimit.mixed.search import MixedConfig, Targets, search  # noqa: E402
 from onnxqlimit.mixed.sensitivity import SensitivityConfig  # noqa: E402
 from onnxqlimit.mixed.solvers import GAConfig  # noqa: E402
 from onnxqlimit.quant.policy import QuantConfig, place  # noqa: E402
-from onnxqlimit.reconstruct import ReconConfig  # noqa: E402
+from onnxqlimit.recon import ReconConfig  # noqa: E402
 from onnxqlimit.state import QuantState  # noqa: E402
 from tools import tasks  # noqa: E402
 

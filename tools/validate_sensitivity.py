@@ -25,10 +25,10 @@ import torch
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from onnxqlimit.blocks import BlockConfig  # noqa: E402
+from onnxqlimit.recon.blocks import BlockConfig  # noqa: E402
 from onnxqlimit.calibrate import attach_quantizers, calibrate, set_enabled  # noqa: E402
 from onnxqlimit.data import batches  # noqa: E402
-from onnxqlimit.fisher import task_loss  # noqa: E402
+from onnxqlimit.recon.fisher import task_loss  # noqa: E402
 from onnxqlimit.load import LoadConfig, load_model  # noqa: E402
 from onnxqlimit.mirror import Mirror  # noqa: E402
 from onnxqlimit.mixed.costs import CostModel  # noqa: E402

@@ -14,7 +14,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from ..fisher import output_kind
+from ..recon.fisher import output_kind
 
 
 def _class_axis(kind: str) -> int:

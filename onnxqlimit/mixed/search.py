@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import torch
 
-from ..blocks import BlockConfig
+from ..recon.blocks import BlockConfig
 from ..calibrate import set_enabled
 from ..data import batches
 from ..errors import QLimitError

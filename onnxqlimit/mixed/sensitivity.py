@@ -33,14 +33,14 @@ import onnx
 import torch
 from tqdm import tqdm
 
-from ..blocks import Block, BlockConfig, find_blocks
+from ..recon.blocks import Block, BlockConfig, find_blocks
 from ..calibrate import set_enabled
 from ..errors import QLimitError
-from ..fisher import GradTap, sampled_nll
+from ..recon.fisher import GradTap, sampled_nll
 from ..mirror import Mirror
 from ..quant.bits import check_bits
 from ..quant.policy import QuantPoint
-from ..reconstruct import quantizer_owners
+from ..recon.runner import quantizer_owners
 from ..state import QuantState
 
 CACHE_VERSION = 1

@@ -16,9 +16,9 @@ from torch import nn
 from tqdm import tqdm
 
 from .block_cache import TensorCache
-from .calibrate import set_enabled
-from .mirror import Mirror
-from .quant.fake_quant import FakeQuantize
+from ..calibrate import set_enabled
+from ..mirror import Mirror
+from ..quant.fake_quant import FakeQuantize
 
 
 class GradTap(nn.Module):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import QLimitError
+from ..errors import QLimitError
 
 
 @dataclass(frozen=True)

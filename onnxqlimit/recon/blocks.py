@@ -33,8 +33,8 @@ from itertools import accumulate
 
 import onnx
 
-from .errors import QLimitError
-from .quant.policy import _FLOAT_TYPES, COMPUTE_OPS
+from ..errors import QLimitError
+from ..quant.policy import _FLOAT_TYPES, COMPUTE_OPS
 
 GRANULARITIES = ("layer", "block", "stage", "net")
 # Which inputs may hold the weight: B/W for Conv, ConvTranspose and Gemm; either side of a MatMul.
