@@ -1,6 +1,6 @@
 """onnxqlimit: post-training quantization of ONNX models (BRECQ / QDrop / mixed precision).
 
-Pipeline: load -> mirror -> calibrate -> reconstruct -> mixed precision -> export -> validate.
+Pipeline: load -> mirror -> calibrate -> mixed precision -> reconstruct -> export -> validate.
 """
 __version__ = "0.1.0"
 

@@ -8,6 +8,7 @@ import sys
 from . import __version__
 from .recon.blocks import GRANULARITIES
 from .errors import QLimitError
+from .quant.bits import ACT_BITS, WEIGHT_BITS
 
 
 def _shape_arg(text: str) -> tuple[str, list[int]]:
@@ -18,6 +19,10 @@ def _shape_arg(text: str) -> tuple[str, list[int]]:
         return name, [int(d) for d in dims.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected NAME=D0,D1,... (got {text!r})") from None
+
+
+def _widths(widths: tuple[int, ...]) -> str:
+    return ",".join(map(str, widths))
 
 
 def _size_arg(text: str) -> float:
@@ -76,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True, help="where to write the quantized model")
     q.add_argument("--calib", required=True, help=".npz keyed by input name, or a folder of images (with --preprocess)")
     q.add_argument("--preprocess", help="for image folders: 'size=H,W;mean=a,b,c;std=a,b,c;scale=255;layout=NCHW;color=RGB'")
-    q.add_argument("--wbits", type=int, default=8, help="weight bits, 2..8 (default 8)")
-    q.add_argument("--abits", type=int, default=8, help="activation bits, 2..8 or 16 (default 8)")
+    q.add_argument("--wbits", type=int, default=8, help=f"weight bits, one of {_widths(WEIGHT_BITS)} (default 8)")
+    q.add_argument("--abits", type=int, default=8, help=f"activation bits, one of {_widths(ACT_BITS)} (default 8)")
     m = q.add_argument_group("mixed precision (any --target-* runs the search; docs/mixed_precision.md)")
     m.add_argument("--target-size", type=_size_arg, metavar="SIZE", help="weight storage of the file, e.g. 600KB, 1.5MB")
     m.add_argument("--target-avg-wbits", type=float, metavar="BITS", help="parameter-weighted weight bits, e.g. 3.0")
