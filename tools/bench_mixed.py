@@ -4,6 +4,7 @@
     python tools/bench_mixed.py --models zoo_resnet --uniform W4A8 W8A8 --method rtn
     python tools/bench_mixed.py --models bert --budgets bitops --solver ga --jsonl mixed.jsonl
     python tools/bench_mixed.py --models rec cls --plots docs/img --iters 500
+    python tools/bench_mixed.py --models rec --uniform W4A6 --budgets bitops   # the rec target
 
 Per model and uniform width (first/last layers at 8 bits, the quantizer's default): the
 uniform model, then a mixed-precision search (weights 2/3/4/8, activations 4/8) at that
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -32,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from onnxqlimit.export import required_opset  # noqa: E402
+from onnxqlimit.quant.bits import ACT_BITS, WEIGHT_BITS  # noqa: E402
 from onnxqlimit.mixed.search import MixedConfig, Targets  # noqa: E402
 from onnxqlimit.mixed.sensitivity import SensitivityConfig  # noqa: E402
 from onnxqlimit.quant.policy import QuantConfig  # noqa: E402
@@ -40,7 +43,15 @@ from tools import tasks  # noqa: E402
 from tools.eval_float import MODELS  # noqa: E402
 
 NAMES = ("zoo_resnet", "zoo_mobilenetv2", "rec", "cls", "bert")
-WIDTHS = {f"W{w}A{a}": (w, a) for a in (8, 4) for w in (2, 3, 4, 8)}
+WIDTHS = {f"W{w}A{a}": (w, a) for a in (8, 4) for w in (2, 3, 4, 8)}  # the default grid
+
+
+def width(config: str) -> tuple[int, int]:
+    """'W4A6' -> (4, 6): any supported pair, e.g. the rec target's W4A6 BitOps."""
+    match = re.fullmatch(r"W(\d+)A(\d+)", config)
+    if not match or int(match[1]) not in WEIGHT_BITS or int(match[2]) not in ACT_BITS:
+        raise argparse.ArgumentTypeError(f"{config!r}: expected WxAy with x in {list(WEIGHT_BITS)}, y in {list(ACT_BITS)}")
+    return int(match[1]), int(match[2])
 BUDGETS = {"size": "size_bytes", "bitops": "bitops"}
 BERT = dict(vocab_size=1000, hidden=64, layers=2, heads=4, ffn=128, max_len=32)
 BERT_SEQ, BERT_EVAL = 32, 256
@@ -183,7 +194,8 @@ def plot(name: str, cells: list[dict], float_metric: float, ylabel: str, method:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     panels = (("size_bytes", 1e3, "weight storage (KB)", "mixed@size"), ("bitops", 1e9, "GBitOps per sample", "mixed@bitops"))
     for ax, (key, scale, xlabel, own) in zip(axes, panels):
-        for abits, marker, colour in ((8, "o", "tab:blue"), (4, "s", "tab:orange")):
+        for abits, marker, colour in zip(sorted({c["abits"] for c in done}, reverse=True), "osDp*",
+                                         ("tab:blue", "tab:orange", "tab:red", "tab:brown", "tab:olive")):
             uni = [c for c in done if c["kind"] == "uniform" and c["abits"] == abits]
             if uni:
                 ax.scatter([c["costs"][key] / scale for c in uni], [c["metric"] for c in uni], marker=marker,
@@ -215,7 +227,8 @@ def plot(name: str, cells: list[dict], float_metric: float, ylabel: str, method:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(NAMES), choices=NAMES)
-    ap.add_argument("--uniform", nargs="+", default=list(WIDTHS), choices=list(WIDTHS))
+    ap.add_argument("--uniform", nargs="+", default=list(WIDTHS), metavar="WxAy",
+                    help="uniform widths, each also the budget of the mixed runs (default: W2-W8 x A8/A4)")
     ap.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
     ap.add_argument("--method", default="qdrop", choices=("rtn", "adaround", "brecq", "qdrop"))
     ap.add_argument("--iters", type=int, help="per block; default: the preset's")
@@ -226,8 +239,13 @@ def main(argv=None) -> int:
     ap.add_argument("--jsonl", help="append one JSON record per cell")
     ap.add_argument("--plots", default="docs/img", help="directory for one PNG per model ('' for none)")
     args = ap.parse_args(argv)
+    for config in args.uniform:
+        try:
+            width(config)
+        except argparse.ArgumentTypeError as err:
+            ap.error(f"--uniform: {err}")
     if args.opset is None:
-        args.opset = required_opset({*WCHOICES, *ACHOICES, *(b for c in args.uniform for b in WIDTHS[c])})
+        args.opset = required_opset({*WCHOICES, *ACHOICES, *(b for c in args.uniform for b in width(c))})
     work = Path(tempfile.mkdtemp(prefix="bench_mixed."))
     print(f"work dir {work}", flush=True)
     print("| model | config | kind | metric | % of float | weight KB | avg wbits | GBitOps | seconds |")
@@ -261,7 +279,7 @@ def main(argv=None) -> int:
             return cell
 
         for config in args.uniform:
-            wbits, abits = WIDTHS[config]
+            wbits, abits = width(config)
             uniform = attempt({"config": config, "kind": "uniform", "wbits": wbits, "abits": abits},
                               wbits=wbits, abits=abits)
             if "error" in uniform:
