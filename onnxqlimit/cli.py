@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RAM for cached block inputs/outputs; the rest goes to temporary files (default 8)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    q.add_argument("--threads", type=_positive, help="torch CPU threads (default: OMP_NUM_THREADS if set, else every core)")
     q.add_argument("--report", help="write a JSON report (per-node bits, scales, SQNR; sizes; parity)")
     q.add_argument("--first-last-bits", default="8", help="bits of the first and last compute layers: 8 (default) or 'same'")
     q.add_argument("--exclude", action="append", default=[], metavar="NAME_OR_REGEX", help="leave matching nodes float (repeatable)")
@@ -189,7 +190,7 @@ def _quantize(args: argparse.Namespace) -> int:
                         GAConfig(args.ga_population, args.ga_generations, args.ga_mutation, args.ga_crossover,
                                  seed=args.seed), work_dir)
     options = RunOptions(method=args.method, preset=args.preset, calib_size=args.calib_size, batch_size=args.batch_size,
-                         iters=args.iters, recon=recon, seed=args.seed, device=args.device,
+                         iters=args.iters, recon=recon, seed=args.seed, device=args.device, threads=args.threads,
                          simplify=not args.no_simplify, preprocess=args.preprocess, progress=not args.quiet,
                          mixed=mixed, bits_plan=args.bits_plan, save_plan=args.save_plan, eval_data=args.eval_data)
     result = quantize(args.model, args.output, args.calib, config, options)

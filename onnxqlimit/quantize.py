@@ -35,6 +35,8 @@ from .state import QuantState
 log = logging.getLogger("onnxqlimit")
 
 INTEGER_CHECK_SAMPLES = 2
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_THREADS_AT_IMPORT = torch.get_num_threads()
 
 
 @dataclass
@@ -48,6 +50,7 @@ class RunOptions:
     recon: ReconConfig = field(default_factory=ReconConfig)  # granularity, loss, QDrop, AdaRound, learning rates
     seed: int = 0
     device: str = "auto"
+    threads: int | None = None  # torch CPU threads; default: the user's own setting, else every core
     simplify: bool = True
     preprocess: str | None = None  # for image-folder calibration
     parity_samples: int = 32
@@ -74,11 +77,37 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_threads(requested: int | None) -> int:
+    """torch threads for a CPU run: `requested` (--threads); else the user's own choice as it
+    stands (OMP_NUM_THREADS / MKL_NUM_THREADS, or torch.set_num_threads called after importing
+    onnxqlimit); else every core this process may use, since torch may start with fewer."""
+    if requested is not None:
+        if requested < 1:
+            raise QLimitError(f"--threads must be positive (got {requested})")
+        return requested
+    current = torch.get_num_threads()
+    if any(os.environ.get(name) for name in THREAD_ENV) or current != _THREADS_AT_IMPORT:
+        return current
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(current, cores)
+
+
 def quantize(model, output_path, calibration, config: QuantConfig | None = None,
              options: RunOptions | None = None) -> QuantizeResult:
     """Quantize `model` (path or ModelProto) with `calibration` (.npz path, image folder,
-    dict of arrays or an onnxruntime CalibrationDataReader) and write a QDQ model."""
-    config, options = config or QuantConfig(), options or RunOptions()
+    dict of arrays or an onnxruntime CalibrationDataReader) and write a QDQ model.
+    torch's thread count is set for the run (see cpu_threads) and restored afterwards."""
+    options = options or RunOptions()
+    before = torch.get_num_threads()
+    try:
+        if resolve_device(options.device).type == "cpu":
+            torch.set_num_threads(cpu_threads(options.threads))
+        return _quantize(model, output_path, calibration, config or QuantConfig(), options)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _quantize(model, output_path, calibration, config: QuantConfig, options: RunOptions) -> QuantizeResult:
     if options.method not in METHODS:
         raise QLimitError(f"--method {options.method!r} is not available (choose from {', '.join(METHODS)})")
     if options.preset not in PRESETS:
@@ -90,9 +119,6 @@ def quantize(model, output_path, calibration, config: QuantConfig | None = None,
     started = time.perf_counter()
     torch.manual_seed(options.seed)
     device = resolve_device(options.device)
-    if device.type == "cpu":  # torch may start with fewer threads than the cores this process may use
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(torch.get_num_threads(), cores))
 
     searching = options.mixed.targets.any()
     plan_entries = read_plan_file(options.bits_plan) if options.bits_plan else None
@@ -156,6 +182,7 @@ def quantize(model, output_path, calibration, config: QuantConfig | None = None,
                           config, {**asdict(options), "calib_size": calib_size, "batch_size": batch_size,
                                    "recon": asdict(recon)}, time.perf_counter() - started)
     report["integer_parity"] = asdict(flips)
+    report["threads"] = torch.get_num_threads() if device.type == "cpu" else None
     report["reconstruction"] = asdict(tuning) if tuning is not None else None
     report["costs"] = costs
     report["plan"] = state.plan.to_nodes(points)

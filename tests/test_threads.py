@@ -1,0 +1,75 @@
+"""torch's thread count: --threads wins, then the user's own setting, else every core; restored after a run."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+from onnxqlimit.cli import main
+from onnxqlimit.errors import QLimitError
+from onnxqlimit.quant.policy import QuantConfig
+from onnxqlimit.quantize import RunOptions, cpu_threads, quantize
+from tests.conftest import MODELS
+
+quantize_module = importlib.import_module("onnxqlimit.quantize")  # the package exports a function of that name
+
+FAST = RunOptions(method="rtn", calib_size=8, batch_size=8, parity_samples=4, progress=False, device="cpu")
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield before
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def four_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    for name in quantize_module.THREAD_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+def run(tmp_path, options: RunOptions) -> dict:
+    return quantize(MODELS / "zoo_resnet.onnx", tmp_path / "q.onnx", str(MODELS / "zoo_resnet_calib.npz"),
+                    QuantConfig(wbits=8, abits=8), options).report
+
+
+def test_policy(restore_threads, four_cores, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setattr(quantize_module, "_THREADS_AT_IMPORT", 1)
+    assert cpu_threads(3) == 3  # --threads
+    assert cpu_threads(None) == 4  # nothing set by the user: every core
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_threads(None) == 1  # the environment's choice stands
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(quantize_module, "_THREADS_AT_IMPORT", 2)
+    assert cpu_threads(None) == 1  # torch.set_num_threads after import stands
+    with pytest.raises(QLimitError, match="--threads"):
+        cpu_threads(0)
+
+
+def test_user_setting_wins_and_is_restored(tmp_path, restore_threads, four_cores, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setattr(quantize_module, "_THREADS_AT_IMPORT", 2)  # the user changed it after import
+    assert run(tmp_path, FAST)["threads"] == 1
+    assert torch.get_num_threads() == 1
+    assert run(tmp_path, replace(FAST, threads=2))["threads"] == 2
+    assert torch.get_num_threads() == 1  # a library call leaves the process's setting as it found it
+
+
+def test_cli_threads(tmp_path, restore_threads, capsys):
+    report = tmp_path / "r.json"
+    args = ["quantize", str(MODELS / "zoo_resnet.onnx"), "-o", str(tmp_path / "q.onnx"), "--calib",
+            str(MODELS / "zoo_resnet_calib.npz"), "--method", "rtn", "--calib-size", "8", "--device", "cpu", "--quiet"]
+    assert main(args + ["--threads", "1", "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["threads"] == 1
+    with pytest.raises(SystemExit) as exit_info:
+        main(args + ["--threads", "0"])
+    assert exit_info.value.code == 2
+    assert "--threads" in capsys.readouterr().err
