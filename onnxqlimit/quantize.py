@@ -100,14 +100,16 @@ def quantize(model, output_path, calibration, config: QuantConfig | None = None,
     options = options or RunOptions()
     before = torch.get_num_threads()
     try:
-        if resolve_device(options.device).type == "cpu":
+        device = resolve_device(options.device)
+        if device.type == "cpu":
             torch.set_num_threads(cpu_threads(options.threads))
-        return _quantize(model, output_path, calibration, config or QuantConfig(), options)
+        return _quantize(model, output_path, calibration, config or QuantConfig(), options, device)
     finally:
         torch.set_num_threads(before)
 
 
-def _quantize(model, output_path, calibration, config: QuantConfig, options: RunOptions) -> QuantizeResult:
+def _quantize(model, output_path, calibration, config: QuantConfig, options: RunOptions,
+              device: torch.device) -> QuantizeResult:
     if options.method not in METHODS:
         raise QLimitError(f"--method {options.method!r} is not available (choose from {', '.join(METHODS)})")
     if options.preset not in PRESETS:
@@ -118,7 +120,6 @@ def _quantize(model, output_path, calibration, config: QuantConfig, options: Run
                     lr_round=options.lr_round or preset.lr_round, seed=options.seed, progress=options.progress)
     started = time.perf_counter()
     torch.manual_seed(options.seed)
-    device = resolve_device(options.device)
 
     searching = options.mixed.targets.any()
     plan_entries = read_plan_file(options.bits_plan) if options.bits_plan else None

@@ -44,6 +44,12 @@ from tools.eval_float import MODELS  # noqa: E402
 
 NAMES = ("zoo_resnet", "zoo_mobilenetv2", "rec", "cls", "bert")
 WIDTHS = {f"W{w}A{a}": (w, a) for a in (8, 4) for w in (2, 3, 4, 8)}  # the default grid
+BUDGETS = {"size": "size_bytes", "bitops": "bitops"}
+BERT = dict(vocab_size=1000, hidden=64, layers=2, heads=4, ffn=128, max_len=32)
+BERT_SEQ, BERT_EVAL = 32, 256
+WCHOICES, ACHOICES = (2, 3, 4, 8), (4, 8)
+
+Scorer = Callable[[Path], float]
 
 
 def width(config: str) -> tuple[int, int]:
@@ -52,12 +58,6 @@ def width(config: str) -> tuple[int, int]:
     if not match or int(match[1]) not in WEIGHT_BITS or int(match[2]) not in ACT_BITS:
         raise argparse.ArgumentTypeError(f"{config!r}: expected WxAy with x in {list(WEIGHT_BITS)}, y in {list(ACT_BITS)}")
     return int(match[1]), int(match[2])
-BUDGETS = {"size": "size_bytes", "bitops": "bitops"}
-BERT = dict(vocab_size=1000, hidden=64, layers=2, heads=4, ffn=128, max_len=32)
-BERT_SEQ, BERT_EVAL = 32, 256
-WCHOICES, ACHOICES = (2, 3, 4, 8), (4, 8)
-
-Scorer = Callable[[Path], float]
 
 
 # ------------------------------------------------------------------------------ models
@@ -239,13 +239,12 @@ def main(argv=None) -> int:
     ap.add_argument("--jsonl", help="append one JSON record per cell")
     ap.add_argument("--plots", default="docs/img", help="directory for one PNG per model ('' for none)")
     args = ap.parse_args(argv)
-    for config in args.uniform:
-        try:
-            width(config)
-        except argparse.ArgumentTypeError as err:
-            ap.error(f"--uniform: {err}")
+    try:
+        widths = {config: width(config) for config in args.uniform}
+    except argparse.ArgumentTypeError as err:
+        ap.error(f"--uniform: {err}")
     if args.opset is None:
-        args.opset = required_opset({*WCHOICES, *ACHOICES, *(b for c in args.uniform for b in width(c))})
+        args.opset = required_opset({*WCHOICES, *ACHOICES, *(b for pair in widths.values() for b in pair)})
     work = Path(tempfile.mkdtemp(prefix="bench_mixed."))
     print(f"work dir {work}", flush=True)
     print("| model | config | kind | metric | % of float | weight KB | avg wbits | GBitOps | seconds |")
@@ -279,7 +278,7 @@ def main(argv=None) -> int:
             return cell
 
         for config in args.uniform:
-            wbits, abits = width(config)
+            wbits, abits = widths[config]
             uniform = attempt({"config": config, "kind": "uniform", "wbits": wbits, "abits": abits},
                               wbits=wbits, abits=abits)
             if "error" in uniform:
