@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--iters", type=_positive, help="reconstruction iterations per block (overrides the preset)")
     q.add_argument("--calib-size", type=_positive, help="calibration samples to use (overrides the preset)")
     q.add_argument("--batch-size", type=_positive, help="batch size (overrides the preset)")
+    q.add_argument("--no-early-stop", action="store_true",
+                   help="run every block's full schedule (the fast preset shortens it once the loss plateaus; "
+                   "paper never does)")
+    q.add_argument("--compile", action="store_true",
+                   help="torch.compile the fake-quantization kernel while tuning (needs a C++ compiler; "
+                   "falls back to eager with one warning)")
     q.add_argument("--granularity", default="block", help="reconstruction unit: layer | block (default) | stage | net")
     q.add_argument("--block-layers", type=_positive, default=6, help="most weight layers in one block (default 6)")
     q.add_argument("--loss", default="mse", help="mse (default) | fisher (BRECQ's Fisher-diagonal weighting)")
@@ -178,7 +184,8 @@ def _quantize(args: argparse.Namespace) -> int:
         quantize_act_matmul=args.quantize_attention, exclude=tuple(args.exclude),
         overrides=parse_bit_overrides(args.bits))
     recon = ReconConfig(granularity=args.granularity, max_layers=args.block_layers, loss=args.loss,
-                        drop_prob=args.drop_prob, round_lambda=args.round_lambda, cache_gb=args.cache_gb)
+                        drop_prob=args.drop_prob, round_lambda=args.round_lambda, cache_gb=args.cache_gb,
+                        early_stop=not args.no_early_stop, compile=args.compile)
     if args.solver not in SOLVERS:
         raise QLimitError(f"--solver must be one of {', '.join(SOLVERS)} (got {args.solver!r})")
     targets = Targets(size_bytes=args.target_size, avg_wbits=args.target_avg_wbits,

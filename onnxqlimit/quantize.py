@@ -117,7 +117,8 @@ def _quantize(model, output_path, calibration, config: QuantConfig, options: Run
     preset = PRESETS[options.preset]
     calib_size, batch_size = options.calib_size or preset.calib_size, options.batch_size or preset.batch_size
     recon = replace(options.recon, method=options.method, iters=options.iters or preset.iters, batch_size=batch_size,
-                    lr_round=options.lr_round or preset.lr_round, seed=options.seed, progress=options.progress)
+                    lr_round=options.lr_round or preset.lr_round, seed=options.seed, progress=options.progress,
+                    early_stop=options.recon.early_stop and preset.early_stop)
     started = time.perf_counter()
     torch.manual_seed(options.seed)
 

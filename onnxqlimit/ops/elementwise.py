@@ -131,13 +131,14 @@ def _relu(node: Node):
 @register("LeakyRelu")
 def _leaky_relu(node: Node):
     alpha = node.attr("alpha", 0.01)
-    return lambda x: torch.where(x < 0, x * alpha, x)
+    return lambda x: F.leaky_relu(x, alpha)
 
 
 @register("PRelu")
 def _prelu(node: Node):
-    # ONNX broadcasts slope numpy-style (aligned at the last axis), unlike F.prelu.
-    return lambda x, slope: torch.where(x < 0, x * slope, x)
+    # ONNX broadcasts slope numpy-style (aligned at the last axis), unlike F.prelu. Adding
+    # an exact zero keeps it exact; torch.where with a mask is ~10x slower on CPU.
+    return lambda x, slope: torch.clamp_min(x, 0) + torch.clamp_max(x, 0) * slope
 
 
 @register("Elu")

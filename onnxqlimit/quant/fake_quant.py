@@ -8,6 +8,7 @@ except at rounding ties produced by float summation order (docs/quantization.md)
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -37,9 +38,70 @@ class QuantSpec:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
 
+class _RoundSTE(torch.autograd.Function):
+    """Round half to even forward, identity backward: one pass each way (the
+    `x + (round(x) - x).detach()` idiom costs three forward and two backward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round half to even forward, identity backward (straight-through estimator)."""
-    return x + (torch.round(x) - x).detach()
+    return _RoundSTE.apply(x) if torch.is_grad_enabled() and x.requires_grad else torch.round(x)
+
+
+def fake_quant_mix(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int,
+                   keep: torch.Tensor | None) -> torch.Tensor:
+    """(clamp(round(x / s) + z) - z) * s, where `keep` is set (QDrop) or everywhere.
+
+    Division, not multiplication by 1/s, as QuantizeLinear does, so tuning sees the
+    integers that will be exported. With a learned `s`, autograd gives LSQ's step-size
+    gradient through the straight-through rounding (q - x/s inside the range, the clamp
+    bound outside); `scale_gradient` applies LSQ's 1/sqrt(N * Qp) factor.
+    """
+    x_hat = (torch.clamp(round_ste(x / s) + z, qmin, qmax) - z) * s
+    return x_hat if keep is None else mix(x, x_hat, keep)
+
+
+def mix(other: torch.Tensor, chosen: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`chosen` where keep is 1, `other` where it is 0, exactly (lerp returns its end
+    points unchanged), with gradients to both: QDrop's mixing."""
+    return torch.lerp(other, chosen, keep)
+
+
+_kernel = fake_quant_mix  # compile_kernel() may swap in a torch.compile'd version
+
+
+def compile_kernel(enabled: bool) -> bool:
+    """Use torch.compile for fake_quant_mix (fuses its elementwise passes, forward and
+    backward); False and one warning where compilation fails. Returns whether it is on."""
+    global _kernel
+    if not enabled:
+        _kernel = fake_quant_mix
+        return False
+    try:
+        compiled = torch.compile(fake_quant_mix, dynamic=True)
+        probe = torch.randn(2, 3, requires_grad=True)
+        compiled(probe, torch.ones((), requires_grad=True), torch.zeros(()), 0, 15, (probe > 0).float()).sum().backward()
+    except Exception as err:  # noqa: BLE001 - any compiler failure means: run eager
+        warnings.warn(f"torch.compile is not available here ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                      "tuning runs eager", stacklevel=2)
+        _kernel = fake_quant_mix
+        return False
+    _kernel = compiled
+    return True
+
+
+def scale_gradient(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """`t` forward, gradient times `factor` backward (LSQ's step-size gradient scale)."""
+    scaled = t * factor
+    return scaled + (t - scaled).detach()
 
 
 _TINY = torch.finfo(torch.float32).tiny * 2**10
@@ -52,16 +114,17 @@ def reset_masks() -> None:
 
 
 def keep_mask(x: torch.Tensor, prob: float) -> torch.Tensor:
-    """A Bernoulli(prob) mask shaped like `x`, for QDrop.
+    """A Bernoulli(prob) mask shaped like `x`, of 0.0 / 1.0 in x's dtype, for QDrop.
 
     Drawing a fresh random number per element costs as much as the quantizer itself on
     CPU, so masks are windows at random offsets into a pool drawn once (at least twice
     the tensor's size): each element still sees an independent-looking draw per call.
+    The mask is float for `mix`: torch.where with a boolean mask is 10x slower on CPU.
     """
-    n, key = x.numel(), (x.device, prob)
+    n, key = x.numel(), (x.device, x.dtype, prob)
     pool = _MASK_POOLS.get(key)
     if pool is None or pool.numel() < 2 * n:
-        pool = torch.rand(max(2 * n, 1 << 20), device=x.device) < prob
+        pool = (torch.rand(max(2 * n, 1 << 20), device=x.device) < prob).to(x.dtype)
         _MASK_POOLS[key] = pool
     start = int(torch.randint(0, pool.numel() - n + 1, ()))
     return pool[start:start + n].view(x.shape)
@@ -105,19 +168,13 @@ class FakeQuantize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or not x.is_floating_point():
             return x
-        if self.spec.channel_axis is None and torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad):
-            # Tuning (LSQ, step-size gradient scaled by 1/sqrt(N * Qp)): torch's fused kernel. It
-            # multiplies by 1/scale, so it may differ from the exported division at exact ties;
-            # the caches and the export use the exact path. Only per-tensor scales are learned.
-            factor = 1.0 / math.sqrt(x.numel() * self.spec.qmax) if self.scale.requires_grad else 1.0
-            x_hat = torch._fake_quantize_learnable_per_tensor_affine(
-                x, self.scale.clamp(min=_TINY), self.zero_point, self.spec.qmin, self.spec.qmax, factor)
-        else:
-            s, z = self._view(self.scale, x), self._view(self.zero_point, x)
-            x_hat = (torch.clamp(round_ste(x / s) + z, self.spec.qmin, self.spec.qmax) - z) * s
-        if self.drop_prob is not None:
-            return torch.where(keep_mask(x, self.drop_prob), x_hat, x)
-        return x_hat
+        scale = self.scale
+        if scale.requires_grad and torch.is_grad_enabled():  # LSQ
+            per_channel = x.numel() // scale.numel()
+            scale = scale_gradient(scale.clamp(min=_TINY), 1.0 / math.sqrt(per_channel * self.spec.qmax))
+        keep = keep_mask(x, self.drop_prob) if self.drop_prob is not None else None
+        kernel = _kernel if torch.is_grad_enabled() else fake_quant_mix  # caches and export: eager, exact
+        return kernel(x, self._view(scale, x), self._view(self.zero_point, x), self.spec.qmin, self.spec.qmax, keep)
 
     def extra_repr(self) -> str:
         s = self.spec

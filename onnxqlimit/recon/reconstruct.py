@@ -22,14 +22,14 @@ from tqdm import tqdm
 from ..calibrate import set_enabled
 from ..errors import QLimitError
 from ..mirror import Mirror
-from ..quant.fake_quant import reset_masks
+from ..quant.fake_quant import compile_kernel, reset_masks
 from ..quant.policy import QuantPoint
 from ..state import QuantState
 from .block_cache import TensorCache
 from .blocks import GRANULARITIES, Block, BlockConfig, find_blocks
 from .fisher import fisher_weights
 from .runner import BlockRunner, boundary_tensors, probe_layouts, quantizer_owners, slices
-from .tune import tune_block
+from .tune import TuneStats, rtn_restorer, tune_block
 
 METHODS = ("rtn", "adaround", "brecq", "qdrop")
 LOSSES = ("mse", "fisher")
@@ -42,12 +42,14 @@ class Preset:
     batch_size: int
     calib_size: int
     lr_round: float  # a short schedule needs a larger step for the rounding variables
+    early_stop: bool  # end a block's schedule early once its loss has plateaued
 
 
 # "fast" is sized for a 2-core CPU (docs/reconstruction.md has the measurements behind it);
 # "paper" is the published setting: 20k iterations of batch 32 per block, 1024 samples.
-PRESETS = {"fast": Preset(iters=FAST_ITERS, batch_size=FAST_BATCH, calib_size=256, lr_round=1e-2),
-           "paper": Preset(iters=20000, batch_size=32, calib_size=1024, lr_round=1e-3)}
+PRESETS = {"fast": Preset(iters=FAST_ITERS, batch_size=FAST_BATCH, calib_size=256, lr_round=1e-2,
+                              early_stop=True),
+           "paper": Preset(iters=20000, batch_size=32, calib_size=1024, lr_round=1e-3, early_stop=False)}
 
 
 @dataclass
@@ -68,6 +70,16 @@ class ReconConfig:
     lr_round: float = 1e-2
     lr_scale: float = 4e-5
     learn_act_scales: bool = True
+    # Early stopping (tune.py): after `stop_patience` loss windows of max(stop_window, iters / 20)
+    # iterations without a relative gain of `stop_tol`, the rest of the schedule is run in
+    # `stop_tail` x iters.
+    early_stop: bool = True
+    stop_window: int = 25
+    stop_tol: float = 0.01
+    stop_patience: int = 2
+    stop_tail: float = 0.2
+    small_block_threads: bool = True  # tune blocks under tune.SMALL_BLOCK_FLOP on one CPU thread
+    compile: bool = False  # torch.compile the fake-quant + QDrop kernel (eager where it fails)
     cache_gb: float = 8.0  # block inputs/outputs past this go to memory-mapped files
     seed: int = 0
     progress: bool = True
@@ -106,6 +118,9 @@ class BlockResult:
     loss_after: float
     gflop_per_iter: float
     gflops: float
+    stopped_early: bool = False  # the schedule was shortened on a loss plateau
+    kept_rtn: bool = False  # tuning did not beat round to nearest, which was kept
+    threads: int = 0
 
 
 @dataclass
@@ -116,10 +131,12 @@ class ReconResult:
     blocks: list[BlockResult] = field(default_factory=list)
     seconds: float = 0.0
     train_seconds: float = 0.0
+    iters: int = 0  # over all blocks, after early stopping
     gflops: float = 0.0  # achieved over all tuning iterations
     peak_cache_mb: float = 0.0
     peak_rss_mb: float = 0.0
     cache_on_disk: bool = False
+    compiled: bool = False  # the fake-quant kernel ran under torch.compile
 
 
 def reconstruct(mirror: Mirror, model, state: QuantState, feeds: Mapping[str, np.ndarray],
@@ -129,6 +146,7 @@ def reconstruct(mirror: Mirror, model, state: QuantState, feeds: Mapping[str, np
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     reset_masks()
+    compiled = compile_kernel(config.compile)
     blocks = find_blocks(model, config.block_config)
     total = len(next(iter(feeds.values())))
     batch = min(config.batch_size, total)
@@ -164,11 +182,14 @@ def reconstruct(mirror: Mirror, model, state: QuantState, feeds: Mapping[str, np
             mirror.set_hook(name, quantizers[name])
         bar.close()
         run.close()
+        compile_kernel(False)
+    result.compiled = compiled
     result.peak_cache_mb = run.peak_cache_mb
     result.cache_on_disk = run.cache_on_disk
     result.seconds = time.perf_counter() - started
     result.train_seconds = sum(b.seconds for b in result.blocks)
     flops = sum(b.gflop_per_iter * b.iters for b in result.blocks)
+    result.iters = sum(b.iters for b in result.blocks)
     result.gflops = flops / result.train_seconds if result.train_seconds else 0.0  # includes the counted iteration
     result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
@@ -183,17 +204,26 @@ def _reconstruct_block(runner: BlockRunner, block: Block, tuned: list[QuantPoint
     set_enabled(runner.quantizers, True)
     eval_chunks = runner.chunks[: max(1, 128 // runner.batch)]
     before = runner.error(runner.run(runner.q, block, weights, eval_chunks), block, eval_chunks)
-    stats = (0, 0.0, 0.0, 0.0)
+    stats, kept_rtn = None, False
     if tuned and config.method != "rtn":
+        restore = rtn_restorer(runner, tuned)
         stats = tune_block(runner, block, weights, tuned, config, bar)
     outputs = runner.run(runner.q, block, weights, runner.chunks)
     after = runner.error({k: v[: len(eval_chunks)] for k, v in outputs.items()}, block, eval_chunks)
+    if stats is not None and not after <= before:  # also when tuning ended in NaN
+        restore()
+        kept_rtn = True
+        outputs = runner.run(runner.q, block, weights, runner.chunks)
+        after = runner.error({k: v[: len(eval_chunks)] for k, v in outputs.items()}, block, eval_chunks)
     runner.store(runner.q, outputs)
     runner.track()
-    iters, seconds, rate, flop = stats
-    result = BlockResult(block.index, f"{block.start}-{block.stop - 1}", len(block.layers), iters, seconds, rate,
-                         before, after, flop / 1e9, flop * rate / 1e9)
-    if config.progress and iters and bar is not None:
+    stats = stats or TuneStats(0, 0.0, 0.0, 0.0, False, 0)
+    result = BlockResult(block.index, f"{block.start}-{block.stop - 1}", len(block.layers), stats.iters,
+                         stats.seconds, stats.its_per_s, before, after, stats.flop_per_iter / 1e9,
+                         stats.flop_per_iter * stats.its_per_s / 1e9, stats.stopped_early, kept_rtn, stats.threads)
+    if config.progress and stats.iters and bar is not None:
+        notes = ", stopped early" * stats.stopped_early + ", kept round-to-nearest" * kept_rtn
         bar.write(f"block {block.index + 1}/{count} ({result.layers} layers): loss {before:.4g} -> {after:.4g}, "
-                  f"{iters} it in {seconds:.1f} s ({rate:.1f} it/s, {result.gflops:.1f} GFLOP/s)")
+                  f"{stats.iters} it in {stats.seconds:.1f} s ({stats.its_per_s:.1f} it/s, {result.gflops:.1f} GFLOP/s, "
+                  f"{stats.threads} thread{'s' * (stats.threads > 1)}){notes}")
     return result

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from ..calibrate import set_enabled
 from ..errors import QLimitError
 from ..mirror import Mirror
-from ..quant.fake_quant import FakeQuantize, keep_mask
+from ..quant.fake_quant import FakeQuantize, keep_mask, mix
 from ..quant.policy import QuantPoint
 from .block_cache import BatchLayout, TensorCache, probe_layout
 from .blocks import Block
@@ -128,7 +128,7 @@ class BlockRunner:
             if name in self.on_entry:
                 x = self.quantizers[name](x)
             if drop is not None and name in block.inputs and x.is_floating_point():
-                x = torch.where(keep_mask(x, drop), x, self.fp.get(name, index))
+                x = mix(self.fp.get(name, index), x, keep_mask(x, drop))
             env[name] = x
         return env
 

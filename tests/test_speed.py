@@ -1,0 +1,156 @@
+"""Speed options of the tuning loop: early stopping, keeping round to nearest, the
+one-thread policy for small blocks, the compiled kernel, and determinism with each."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from onnxqlimit.quant import fake_quant
+from onnxqlimit.quant.adaround import AdaRoundQuantize
+from onnxqlimit.quant.fake_quant import FakeQuantize, QuantSpec, fake_quant_mix, keep_mask, mix
+from onnxqlimit.recon import ReconConfig, reconstruct
+from onnxqlimit.recon import tune as tune_module
+from onnxqlimit.recon.tune import Plateau, ProgressClock
+from tests.test_reconstruct import _calibrated
+
+
+def integers(state) -> dict[str, torch.Tensor]:
+    """What the export would write: every weight's integers and every quantizer's scale."""
+    mirror_free = {}
+    for name, q in state.quantizers.items():
+        mirror_free[f"{name}:scale"] = q.scale.detach().clone()
+        if isinstance(q, AdaRoundQuantize):
+            mirror_free[f"{name}:int"] = q.quantize(q.floor).detach().clone()  # hard: independent of the input
+    return mirror_free
+
+
+def tuned(config: ReconConfig, wbits: int = 4, abits: int = 4, name: str = "zoo_resnet"):
+    model, mirror, state, feeds = _calibrated(name, wbits, abits, samples=32)
+    result = reconstruct(mirror, model, state, feeds, config)
+    return result, state
+
+
+def test_progress_clock_runs_the_rest_of_the_schedule_in_the_tail():
+    clock = ProgressClock(100, tail=10)
+    assert clock(50) == 0.5 and clock.end == 100
+    clock.stop_at(30, floor=0.2)
+    assert clock.shortened and clock.end == 40
+    assert clock(30) == pytest.approx(0.3) and clock(40) == pytest.approx(1.0)
+    late = ProgressClock(100, tail=10)
+    late.stop_at(95, floor=0.2)  # fewer than `tail` left: nothing to shorten
+    assert not late.shortened and late.end == 100
+    early = ProgressClock(100, tail=10)
+    early.stop_at(5, floor=0.2)  # still in warm-up: the tail starts with the regulariser on
+    assert early(5) == pytest.approx(0.2)
+
+
+def test_plateau_needs_patience_windows_without_gain():
+    plateau = Plateau(window=2, tol=0.01, patience=2)
+    falling = [10, 10, 8, 8, 6, 6, 5, 5]
+    assert not any(plateau.update(x) for x in falling)
+    flat = [5.0, 5.0, 4.99, 4.99]
+    assert [plateau.update(x) for x in flat] == [False, False, False, True]
+
+
+def test_mix_is_exact_and_passes_gradients_to_both_sides():
+    a = torch.randn(1000, requires_grad=True)
+    b = torch.randn(1000, requires_grad=True)
+    keep = keep_mask(a, 0.5)
+    assert keep.dtype == a.dtype and 0.4 < float(keep.mean()) < 0.6
+    out = mix(a, b, keep)
+    assert torch.equal(out, torch.where(keep.bool(), b, a))
+    out.sum().backward()
+    assert torch.equal(b.grad, keep) and torch.equal(a.grad, 1 - keep)
+
+
+def test_lsq_gradient_matches_torchs_learnable_fake_quant():
+    """The fused kernel's step-size gradient is LSQ's, as torch's reference op computes it."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 5, 5) * 3
+    fq = FakeQuantize(QuantSpec(4, False))
+    fq.set_qparams(torch.tensor([0.4]), torch.tensor([7.0]))
+    fq.scale.requires_grad_(True)
+    fq(x).pow(2).sum().backward()
+    ours = fq.scale.grad.clone()
+    scale = fq.scale.detach().clone().requires_grad_(True)
+    factor = 1.0 / math.sqrt(x.numel() * 15)
+    torch._fake_quantize_learnable_per_tensor_affine(x, scale, torch.tensor([7.0]), 0, 15, factor).pow(2).sum().backward()
+    assert torch.allclose(ours, scale.grad, rtol=1e-4)
+
+
+def test_early_stopping_shortens_blocks_and_is_never_worse_than_round_to_nearest():
+    result, _ = tuned(ReconConfig(iters=300, batch_size=8, lr_round=1e-2, progress=False))
+    blocks = [b for b in result.blocks if b.iters]
+    assert any(b.stopped_early and b.iters < 300 for b in blocks)
+    assert all(b.loss_after <= b.loss_before for b in result.blocks)
+
+
+def test_a_block_that_tuning_makes_worse_keeps_round_to_nearest(monkeypatch):
+    """Sabotaged tuning (rounding pushed the wrong way) must give the round-to-nearest block back."""
+    original = AdaRoundQuantize.harden
+
+    def harden_the_wrong_way(self):
+        with torch.no_grad():
+            self.alpha.copy_(-self.alpha.sign() * 5 + (self.alpha == 0) * 5)  # flip every choice
+        original(self)
+
+    monkeypatch.setattr(AdaRoundQuantize, "harden", harden_the_wrong_way)
+    model, mirror, state, feeds = _calibrated("zoo_resnet", 4, 8, samples=32)
+    nearest = {n: q.quantize(mirror.initializer(n)).clone() for n, q in state.quantizers.items()
+               if n in mirror.initializer_names}
+    result = reconstruct(mirror, model, state, feeds, ReconConfig(iters=20, batch_size=8, progress=False))
+    kept = [b for b in result.blocks if b.kept_rtn]
+    assert kept and all(b.loss_after == b.loss_before for b in kept)
+    assert all(b.loss_after <= b.loss_before for b in result.blocks)
+    assert not any(isinstance(q, AdaRoundQuantize) for q in state.quantizers.values())
+    for name, ints in nearest.items():  # back to the calibrated quantizers exactly
+        assert torch.equal(state.quantizers[name].quantize(mirror.initializer(name)), ints), name
+
+
+def test_small_blocks_tune_on_one_thread_and_the_count_is_restored(monkeypatch):
+    seen = []
+    original = tune_module.BlockRunner.loss
+
+    def spy(self, block, env, index):
+        seen.append(torch.get_num_threads())
+        return original(self, block, env, index)
+
+    monkeypatch.setattr(tune_module.BlockRunner, "loss", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(tune_module, "SMALL_BLOCK_FLOP", float("inf"))  # every block counts as small
+        result, _ = tuned(ReconConfig(iters=6, batch_size=8, progress=False, early_stop=False))
+        assert all(b.threads == 1 for b in result.blocks if b.iters) and 1 in seen
+        assert torch.get_num_threads() == 2
+        seen.clear()
+        monkeypatch.setattr(tune_module, "SMALL_BLOCK_FLOP", 0.0)  # none is
+        result, _ = tuned(ReconConfig(iters=6, batch_size=8, progress=False, early_stop=False))
+        assert all(b.threads == 2 for b in result.blocks if b.iters) and set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("options", [{}, {"early_stop": False}, {"small_block_threads": False}],
+                         ids=["default", "no-early-stop", "no-thread-policy"])
+def test_a_fixed_seed_gives_the_same_integers_with_each_speed_option(options):
+    config = ReconConfig(iters=60, batch_size=8, progress=False, seed=3, **options)
+    first = integers(tuned(config)[1])
+    second = integers(tuned(config)[1])
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_the_compiled_kernel_is_off_by_default_and_runs_where_available():
+    """Compiled and eager tuning do not give the same integers (inductor's fused float
+    arithmetic differs in the last bits, and Adam amplifies that), so compile is opt-in."""
+    assert ReconConfig().compile is False
+    if not fake_quant.compile_kernel(True):
+        pytest.skip("torch.compile is not available on this machine")
+    fake_quant.compile_kernel(False)
+    result, state = tuned(ReconConfig(iters=20, batch_size=8, progress=False, early_stop=False, compile=True))
+    assert result.compiled and fake_quant._kernel is fake_quant_mix  # switched back afterwards
+    ints = [v for k, v in integers(state).items() if k.endswith(":int")]
+    assert ints and all(torch.equal(t, t.round()) and t.abs().max() <= 128 for t in ints)
