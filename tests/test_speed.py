@@ -18,12 +18,12 @@ from tests.test_reconstruct import _calibrated
 
 def integers(state) -> dict[str, torch.Tensor]:
     """What the export would write: every weight's integers and every quantizer's scale."""
-    mirror_free = {}
+    found = {}
     for name, q in state.quantizers.items():
-        mirror_free[f"{name}:scale"] = q.scale.detach().clone()
+        found[f"{name}:scale"] = q.scale.detach().clone()
         if isinstance(q, AdaRoundQuantize):
-            mirror_free[f"{name}:int"] = q.quantize(q.floor).detach().clone()  # hard: independent of the input
-    return mirror_free
+            found[f"{name}:int"] = q.quantize(q.floor).detach().clone()  # hard: independent of the input
+    return found
 
 
 def tuned(config: ReconConfig, wbits: int = 4, abits: int = 4, name: str = "zoo_resnet"):
