@@ -131,7 +131,6 @@ class ReconResult:
     blocks: list[BlockResult] = field(default_factory=list)
     seconds: float = 0.0
     train_seconds: float = 0.0
-    iters: int = 0  # over all blocks, after early stopping
     gflops: float = 0.0  # achieved over all tuning iterations
     peak_cache_mb: float = 0.0
     peak_rss_mb: float = 0.0
@@ -189,7 +188,6 @@ def reconstruct(mirror: Mirror, model, state: QuantState, feeds: Mapping[str, np
     result.seconds = time.perf_counter() - started
     result.train_seconds = sum(b.seconds for b in result.blocks)
     flops = sum(b.gflop_per_iter * b.iters for b in result.blocks)
-    result.iters = sum(b.iters for b in result.blocks)
     result.gflops = flops / result.train_seconds if result.train_seconds else 0.0  # includes the counted iteration
     result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
@@ -208,13 +206,16 @@ def _reconstruct_block(runner: BlockRunner, block: Block, tuned: list[QuantPoint
     if tuned and config.method != "rtn":
         restore = rtn_restorer(runner, tuned)
         stats = tune_block(runner, block, weights, tuned, config, bar)
-    outputs = runner.run(runner.q, block, weights, runner.chunks)
-    after = runner.error({k: v[: len(eval_chunks)] for k, v in outputs.items()}, block, eval_chunks)
+
+    def quantized_outputs() -> tuple[dict[str, list[torch.Tensor]], float]:
+        outputs = runner.run(runner.q, block, weights, runner.chunks)
+        return outputs, runner.error({k: v[: len(eval_chunks)] for k, v in outputs.items()}, block, eval_chunks)
+
+    outputs, after = quantized_outputs()
     if stats is not None and not after <= before:  # also when tuning ended in NaN
         restore()
         kept_rtn = True
-        outputs = runner.run(runner.q, block, weights, runner.chunks)
-        after = runner.error({k: v[: len(eval_chunks)] for k, v in outputs.items()}, block, eval_chunks)
+        outputs, after = quantized_outputs()
     runner.store(runner.q, outputs)
     runner.track()
     stats = stats or TuneStats(0, 0.0, 0.0, 0.0, False, 0)
