@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-early-stop", action="store_true",
                    help="run every block's full schedule (the fast preset shortens it once the loss plateaus; "
                    "paper never does)")
+    q.add_argument("--no-channels-last", action="store_true",
+                   help="tune convolutional blocks in NCHW (default on CPU: channels-last, faster convolutions)")
     q.add_argument("--compile", action="store_true",
                    help="torch.compile the fake-quantization kernel while tuning (needs a C++ compiler; "
                    "falls back to eager with one warning)")
@@ -185,7 +187,8 @@ def _quantize(args: argparse.Namespace) -> int:
         overrides=parse_bit_overrides(args.bits))
     recon = ReconConfig(granularity=args.granularity, max_layers=args.block_layers, loss=args.loss,
                         drop_prob=args.drop_prob, round_lambda=args.round_lambda, cache_gb=args.cache_gb,
-                        early_stop=not args.no_early_stop, compile=args.compile)
+                        early_stop=not args.no_early_stop, compile=args.compile,
+                        channels_last=not args.no_channels_last)
     if args.solver not in SOLVERS:
         raise QLimitError(f"--solver must be one of {', '.join(SOLVERS)} (got {args.solver!r})")
     targets = Targets(size_bytes=args.target_size, avg_wbits=args.target_avg_wbits,

@@ -1,5 +1,6 @@
 """Speed options of the tuning loop: early stopping, keeping round to nearest, the
-one-thread policy for small blocks, the compiled kernel, and determinism with each."""
+one-thread policy for small blocks, channels-last and tiled convolutional blocks, the
+compiled kernel, and determinism with each."""
 from __future__ import annotations
 
 import math
@@ -12,6 +13,7 @@ from onnxqlimit.quant.adaround import AdaRoundQuantize
 from onnxqlimit.quant.fake_quant import FakeQuantize, QuantSpec, fake_quant_mix, keep_mask, mix
 from onnxqlimit.recon import ReconConfig, reconstruct
 from onnxqlimit.recon import tune as tune_module
+from onnxqlimit.recon.blocks import find_blocks
 from onnxqlimit.recon.tune import Plateau, ProgressClock
 from tests.test_reconstruct import _calibrated
 
@@ -113,15 +115,16 @@ def test_small_blocks_tune_on_one_thread_and_the_count_is_restored(monkeypatch):
     seen = []
     original = tune_module.BlockRunner.loss
 
-    def spy(self, block, env, index):
+    def spy(self, block, env, index, targets=None):
         seen.append(torch.get_num_threads())
-        return original(self, block, env, index)
+        return original(self, block, env, index, targets)
 
     monkeypatch.setattr(tune_module.BlockRunner, "loss", spy)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         monkeypatch.setattr(tune_module, "SMALL_BLOCK_FLOP", float("inf"))  # every block counts as small
+        monkeypatch.setattr(tune_module, "SMALL_BLOCK_ELEMENTS", float("inf"))
         result, _ = tuned(ReconConfig(iters=6, batch_size=8, progress=False, early_stop=False))
         assert all(b.threads == 1 for b in result.blocks if b.iters) and 1 in seen
         assert torch.get_num_threads() == 2
@@ -133,14 +136,46 @@ def test_small_blocks_tune_on_one_thread_and_the_count_is_restored(monkeypatch):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("options", [{}, {"early_stop": False}, {"small_block_threads": False}],
-                         ids=["default", "no-early-stop", "no-thread-policy"])
-def test_a_fixed_seed_gives_the_same_integers_with_each_speed_option(options):
+@pytest.mark.parametrize("options", [{}, {"early_stop": False}, {"small_block_threads": False},
+                                     {"channels_last": True}, {"channels_last": False}, {"tile": 8}],
+                         ids=["default", "no-early-stop", "no-thread-policy", "channels-last", "nchw", "tiles"])
+def test_a_fixed_seed_gives_the_same_integers_with_each_speed_option(options, monkeypatch):
+    if options.get("channels_last"):  # the test net's blocks are small: make them count as large
+        monkeypatch.setattr(tune_module, "SMALL_BLOCK_FLOP", 0.0)
     config = ReconConfig(iters=60, batch_size=8, progress=False, seed=3, **options)
     first = integers(tuned(config)[1])
     second = integers(tuned(config)[1])
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_convolutional_blocks_tune_channels_last_with_the_same_values(monkeypatch):
+    monkeypatch.setattr(tune_module, "SMALL_BLOCK_FLOP", 0.0)
+    model, mirror, state, feeds = _calibrated("zoo_resnet", 4, 4, samples=16)
+    blocks = find_blocks(model)
+    chosen = [tune_module.wants_channels_last(b, mirror.nodes) for b in blocks]
+    head = [any(mirror.nodes[i].op_type in ("Flatten", "Gemm", "Reshape") for i in b.node_range) for b in blocks]
+    assert any(chosen) and not any(c and h for c, h in zip(chosen, head))
+    result = reconstruct(mirror, model, state, feeds, ReconConfig(iters=4, batch_size=8, progress=False))
+    assert [b.channels_last for b in result.blocks if b.iters] == [c for c, b in zip(chosen, result.blocks) if b.iters]
+
+    x = torch.randn(4, 8, 6, 5)
+    nhwc = tune_module.channels_last({"x": x, "flat": torch.randn(4, 3), "ids": torch.arange(4).view(2, 2, 1, 1)})
+    assert nhwc["x"].is_contiguous(memory_format=torch.channels_last) and torch.equal(nhwc["x"], x)
+    assert nhwc["flat"].is_contiguous() and nhwc["ids"].dtype == torch.int64
+    mask = keep_mask(nhwc["x"], 0.5)  # drawn in the tensor's own layout: mixing stays one dense pass
+    assert mask.shape == x.shape and mask.is_contiguous(memory_format=torch.channels_last)
+    block = blocks[0]  # a block's outputs do not depend on the layout of its inputs
+    env = {n: torch.as_tensor(feeds[n][:4]) for n in block.inputs + block.context}  # the graph input
+    assert env
+    plain, last = dict(env), tune_module.channels_last(env)
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in last.values())
+    with torch.no_grad():
+        for e in (plain, last):
+            e.update(mirror.initializer_env(mirror.initializers_read(block.node_range)))
+            mirror.execute(e, block.node_range, keep=block.loss_outputs)
+    for name in block.loss_outputs:
+        torch.testing.assert_close(last[name], plain[name], rtol=1e-4, atol=1e-4)
 
 
 def test_the_compiled_kernel_is_off_by_default_and_runs_where_available():
@@ -154,3 +189,36 @@ def test_the_compiled_kernel_is_off_by_default_and_runs_where_available():
     assert result.compiled and fake_quant._kernel is fake_quant_mix  # switched back afterwards
     ints = [v for k, v in integers(state).items() if k.endswith(":int")]
     assert ints and all(torch.equal(t, t.round()) and t.abs().max() <= 128 for t in ints)
+
+
+def test_local_blocks_on_large_maps_tune_on_tiles_against_float_tiles():
+    model, mirror, state, feeds = _calibrated("zoo_resnet", 4, 4, samples=16)
+    config = ReconConfig(iters=40, batch_size=8, progress=False, tile=8)  # 32x32 inputs: 8x8 tiles
+    result = reconstruct(mirror, model, state, feeds, config)
+    tiled = [b for b in result.blocks if b.tile]
+    assert tiled and all(b.tile == (8, 8) for b in tiled)
+    assert all(b.loss_after <= b.loss_before for b in result.blocks)
+    blocks = find_blocks(model)
+    for b in tiled:  # no reshape, flatten or matmul in a tiled block
+        assert not {mirror.nodes[i].op_type for i in blocks[b.index].node_range} & {"Flatten", "Gemm", "Reshape", "MatMul"}
+    off, _ = tuned(ReconConfig(iters=4, batch_size=8, progress=False, tile=0))
+    assert not any(b.tile for b in off.blocks)
+
+
+def test_a_whole_map_tile_gives_the_cached_float_outputs(monkeypatch):
+    """The float target of a tile is the float block on that tile: over the whole map it is
+    exactly what the float model computed there."""
+    seen = []
+    original = tune_module.float_outputs
+
+    def check(runner, block, weights, index, tile):
+        whole = (slice(0, None), slice(0, None))
+        got = original(runner, block, weights, index, whole)
+        for name, value in got.items():
+            seen.append(name)
+            torch.testing.assert_close(value, runner.fp.get(name, index), rtol=1e-5, atol=1e-5)
+        return original(runner, block, weights, index, tile)
+
+    monkeypatch.setattr(tune_module, "float_outputs", check)
+    tuned(ReconConfig(iters=2, batch_size=4, progress=False, tile=8))
+    assert seen

@@ -29,6 +29,9 @@ from tools.bench_recon import matmul_peak  # noqa: E402
 from tools.speed_models import MODELS, prepare  # noqa: E402
 
 
+SWITCHES = ("early_stop", "compile", "channels_last", "small_block_threads")
+
+
 def _burn(stop) -> None:
     """A CPU-bound neighbour: pure Python arithmetic until told to stop."""
     x = 0
@@ -38,8 +41,7 @@ def _burn(stop) -> None:
 
 
 def run(name: str, model, work: Path, args, busy: bool = False) -> dict:
-    recon = {} if args.early_stop is None else {"early_stop": args.early_stop}
-    extra = {} if args.compile is None else {"compile": args.compile}
+    recon = {k: getattr(args, k) for k in SWITCHES if getattr(args, k) is not None}
     stop = multiprocessing.Event()
     neighbour = multiprocessing.Process(target=_burn, args=(stop,), daemon=True) if busy else None
     if neighbour is not None:
@@ -50,7 +52,7 @@ def run(name: str, model, work: Path, args, busy: bool = False) -> dict:
                           QuantConfig(wbits=args.wbits, abits=args.abits),
                           RunOptions(method=args.method, preset=args.preset, iters=args.iters, threads=args.threads,
                                      calib_size=model.calib_size, progress=args.progress,
-                                     recon=ReconConfig(**recon, **extra)))
+                                     recon=ReconConfig(**recon)))
         wall = time.perf_counter() - started
     finally:
         if neighbour is not None:
@@ -77,8 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--calib-size", type=int)
-    ap.add_argument("--early-stop", type=lambda s: s == "on", choices=[True, False], metavar="on|off")
-    ap.add_argument("--compile", type=lambda s: s == "on", choices=[True, False], metavar="on|off")
+    for switch in SWITCHES:  # ReconConfig's speed levers, default when not given
+        ap.add_argument("--" + switch.replace("_", "-"), type=lambda s: s == "on", choices=[True, False], metavar="on|off")
     ap.add_argument("--busy", action="store_true", help="also run beside a CPU-bound process; per-block slowdown")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--peak", action="store_true", help="print the matmul peak and stop")

@@ -113,6 +113,11 @@ def reset_masks() -> None:
     _MASK_POOLS.clear()
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether x is laid out NHWC (reconstruction's layout for convolutional blocks)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def keep_mask(x: torch.Tensor, prob: float) -> torch.Tensor:
     """A Bernoulli(prob) mask shaped like `x`, of 0.0 / 1.0 in x's dtype, for QDrop.
 
@@ -127,7 +132,11 @@ def keep_mask(x: torch.Tensor, prob: float) -> torch.Tensor:
         pool = (torch.rand(max(2 * n, 1 << 20), device=x.device) < prob).to(x.dtype)
         _MASK_POOLS[key] = pool
     start = int(torch.randint(0, pool.numel() - n + 1, ()))
-    return pool[start:start + n].view(x.shape)
+    window = pool[start:start + n]
+    if is_channels_last(x):
+        n_, c, h, w = x.shape  # same layout as x, so that mixing runs in one dense pass
+        return window.view(n_, h, w, c).permute(0, 3, 1, 2)
+    return window.view(x.shape)
 
 
 class FakeQuantize(nn.Module):

@@ -94,9 +94,14 @@ class TensorCache:
         mapped.flush()
         return mapped
 
-    def get(self, name: str, index: torch.Tensor | slice) -> torch.Tensor:
-        """The samples `index` of a tensor, in its native layout, on the run's device."""
+    def get(self, name: str, index: torch.Tensor | slice, tile: tuple[slice, slice] | None = None) -> torch.Tensor:
+        """The samples `index` of a tensor, in its native layout, on the run's device; of a
+        4-D tensor batched on axis 0, only the pixels `tile` (gathered without the rest)."""
         layout, value = self.layouts[name], self._data[name]
+        tile = tile if value.ndim == 4 else None
+        early = tile is not None and layout == BatchLayout(0)
+        if early:
+            value = value[..., tile[0], tile[1]]  # a view: the gather below copies the tile only
         if layout.axis is not None:
             if isinstance(value, np.memmap):
                 rows = index if isinstance(index, slice) else np.sort(index.cpu().numpy())
@@ -107,6 +112,8 @@ class TensorCache:
             else:
                 value = value[index]
             value = layout.from_batch_first(value)
+        if tile is not None and not early:
+            value = value[..., tile[0], tile[1]]
         return value.to(self.device, non_blocking=True)
 
     def drop(self, name: str) -> None:

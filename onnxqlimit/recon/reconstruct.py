@@ -79,6 +79,8 @@ class ReconConfig:
     stop_patience: int = 2
     stop_tail: float = 0.2
     small_block_threads: bool = True  # tune blocks under tune.SMALL_BLOCK_FLOP on one CPU thread
+    channels_last: bool = True  # CPU: tune on channels-last activations (faster oneDNN convolutions)
+    tile: int = 64  # tune local blocks on maps of >= 4 tiles on random tile x tile crops (0: off)
     compile: bool = False  # torch.compile the fake-quant + QDrop kernel (eager where it fails)
     cache_gb: float = 8.0  # block inputs/outputs past this go to memory-mapped files
     seed: int = 0
@@ -121,6 +123,8 @@ class BlockResult:
     stopped_early: bool = False  # the schedule was shortened on a loss plateau
     kept_rtn: bool = False  # tuning did not beat round to nearest, which was kept
     threads: int = 0
+    channels_last: bool = False  # tuned on channels-last activations
+    tile: tuple[int, int] | None = None  # tuned on random tiles of this size
 
 
 @dataclass
@@ -221,10 +225,11 @@ def _reconstruct_block(runner: BlockRunner, block: Block, tuned: list[QuantPoint
     stats = stats or TuneStats(0, 0.0, 0.0, 0.0, False, 0)
     result = BlockResult(block.index, f"{block.start}-{block.stop - 1}", len(block.layers), stats.iters,
                          stats.seconds, stats.its_per_s, before, after, stats.flop_per_iter / 1e9,
-                         stats.flop_per_iter * stats.its_per_s / 1e9, stats.stopped_early, kept_rtn, stats.threads)
+                         stats.flop_per_iter * stats.its_per_s / 1e9, stats.stopped_early, kept_rtn, stats.threads,
+                         stats.channels_last, stats.tile)
     if config.progress and stats.iters and bar is not None:
         notes = ", stopped early" * stats.stopped_early + ", kept round-to-nearest" * kept_rtn
         bar.write(f"block {block.index + 1}/{count} ({result.layers} layers): loss {before:.4g} -> {after:.4g}, "
                   f"{stats.iters} it in {stats.seconds:.1f} s ({stats.its_per_s:.1f} it/s, {result.gflops:.1f} GFLOP/s, "
-                  f"{stats.threads} thread{'s' * (stats.threads > 1)}){notes}")
+                  f"{stats.threads} thread{'s' * (stats.threads > 1)}{', NHWC' * stats.channels_last}{f', {stats.tile[0]}x{stats.tile[1]} tiles' if stats.tile else ''}){notes}")
     return result

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from ..calibrate import set_enabled
 from ..errors import QLimitError
 from ..mirror import Mirror
-from ..quant.fake_quant import FakeQuantize, keep_mask, mix
+from ..quant.fake_quant import FakeQuantize, is_channels_last, keep_mask, mix
 from ..quant.policy import QuantPoint
 from .block_cache import BatchLayout, TensorCache, probe_layout
 from .blocks import Block
@@ -82,6 +82,9 @@ def quantizer_owners(mirror: Mirror, blocks: list[Block], points: list[QuantPoin
 def squared_error(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """Squared error summed over axis 1 (channels) and averaged over the rest, as in the
     BRECQ/QDrop code: the AdaRound regulariser weight (lambda) is tuned against this scale."""
+    if is_channels_last(out):  # one layout for both, or every pass below runs strided
+        target = target.contiguous(memory_format=torch.channels_last)
+        weight = weight.contiguous(memory_format=torch.channels_last) if weight is not None else None
     err = (out.float() - target.float()).pow(2)
     if weight is not None:
         err = err * weight
@@ -118,17 +121,18 @@ class BlockRunner:
         for cache in self.caches():
             cache.close()
 
-    def entry_env(self, block: Block, index, drop: float | None = None) -> dict[str, torch.Tensor]:
-        """The block's inputs for samples `index`: cached quantized-model tensors, entry
-        quantizers applied; with `drop`, each element is the float model's value instead
-        with probability 1 - drop (QDrop)."""
+    def entry_env(self, block: Block, index, drop: float | None = None,
+                  tile: tuple[slice, slice] | None = None) -> dict[str, torch.Tensor]:
+        """The block's inputs for samples `index` (and pixels `tile` of 4-D ones): cached
+        quantized-model tensors, entry quantizers applied; with `drop`, each element is the
+        float model's value instead with probability 1 - drop (QDrop)."""
         env = {}
         for name in block.inputs + block.context:
-            x = self.q.get(name, index)
+            x = self.q.get(name, index, tile)
             if name in self.on_entry:
                 x = self.quantizers[name](x)
             if drop is not None and name in block.inputs and x.is_floating_point():
-                x = mix(self.fp.get(name, index), x, keep_mask(x, drop))
+                x = mix(self.fp.get(name, index, tile), x, keep_mask(x, drop))
             env[name] = x
         return env
 
@@ -152,8 +156,11 @@ class BlockRunner:
         for name, chunks in outputs.items():
             cache.put(name, chunks)
 
-    def loss(self, block: Block, env: dict[str, torch.Tensor], index) -> torch.Tensor:
-        return sum(squared_error(env[o], self.fp.get(o, index), self.fisher.get(o, index) if self.fisher else None)
+    def loss(self, block: Block, env: dict[str, torch.Tensor], index,
+             targets: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Loss against the float model's cached outputs for samples `index`, or `targets`."""
+        return sum(squared_error(env[o], targets[o] if targets is not None else self.fp.get(o, index),
+                                 self.fisher.get(o, index) if self.fisher else None)
                    for o in block.loss_outputs)
 
     def error(self, outputs: dict[str, list[torch.Tensor]], block: Block, chunks: list[slice]) -> float:

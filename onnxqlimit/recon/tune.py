@@ -28,6 +28,7 @@ from ..quant.adaround import AdaRoundQuantize
 from ..quant.policy import QuantPoint
 from .blocks import Block
 from .runner import BlockRunner
+from .tiles import float_outputs, tile_sampler
 
 if TYPE_CHECKING:  # reconstruct imports this module
     from .reconstruct import ReconConfig
@@ -36,6 +37,30 @@ if TYPE_CHECKING:  # reconstruct imports this module
 # second thread saves less than the synchronisation costs, and on a busy machine two
 # threads spin-wait on each other (docs/reconstruction.md, "CPU threads").
 SMALL_BLOCK_FLOP = 50e6
+# ... and below this many elements in its inputs, weights and outputs: the FLOP counter
+# sees only matmuls and convolutions, and a block of upsamplings and adds on large maps
+# (PP-OCR det's FPN at 640x640: 0.0 GFLOP counted, 0.8 s per step) is no small block.
+SMALL_BLOCK_ELEMENTS = 2**20
+
+
+# Ops that reshape or reorder axes: on channels-last tensors they copy back to NCHW, which
+# costs more than the convolutions gain (PP-OCR rec's transformer blocks: 0.6-0.8x).
+_LAYOUT_OPS = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MatMul", "Gemm", "Einsum",
+               "DepthToSpace", "SpaceToDepth"}
+
+
+def wants_channels_last(block: Block, nodes) -> bool:
+    """Convolutional blocks without reshapes: the ones channels-last pays for."""
+    ops = {nodes[i].op_type for i in block.node_range}
+    return "Conv" in ops and not ops & _LAYOUT_OPS
+
+
+def channels_last(env: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """4-D float tensors in channels-last layout: oneDNN's convolutions, forward and
+    backward, run up to 3x faster on it than on NCHW (docs/reconstruction.md); the
+    layout follows through the block's elementwise ops. Values are unchanged."""
+    return {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 and v.is_floating_point() else v
+            for k, v in env.items()}
 
 
 @dataclass
@@ -46,6 +71,8 @@ class TuneStats:
     flop_per_iter: float
     stopped_early: bool
     threads: int
+    channels_last: bool = False
+    tile: tuple[int, int] | None = None  # tuned on random tiles of this many pixels (tiles.py)
 
 
 class ProgressClock:
@@ -135,6 +162,8 @@ def tune_block(runner: BlockRunner, block: Block, weights: list[str], tuned: lis
     clock = ProgressClock(config.iters, max(1, round(config.stop_tail * config.iters)))
     plateau = Plateau(max(config.stop_window, config.iters // 20), config.stop_tol, config.stop_patience)
     threads = block_threads = torch.get_num_threads()
+    nhwc = False  # decided with the thread count, after the first (FLOP-counted) step
+    tiles = tile_sampler(runner, block, weights, config.tile, generator)
     flop, it, shown = 0.0, 0, 0
     started = timed_from = time.perf_counter()
     try:
@@ -143,12 +172,16 @@ def tune_block(runner: BlockRunner, block: Block, weights: list[str], tuned: lis
             if scale_opt is not None:  # cosine decay in p (CosineAnnealingLR when p = it / iters)
                 scale_opt.param_groups[0]["lr"] = config.lr_scale * 0.5 * (1 + math.cos(math.pi * p))
             index = torch.randperm(runner.n, generator=generator)[: runner.batch]
+            tile = tiles() if tiles is not None else None
+            targets = float_outputs(runner, block, weights, index, tile) if tile is not None else None
             counter = FlopCounterMode(display=False) if it == 0 else None
             with counter if counter is not None else contextlib.nullcontext():
-                env = runner.entry_env(block, index, config.dropping)
+                env = runner.entry_env(block, index, config.dropping, tile)
+                if nhwc:
+                    env = channels_last(env)
                 env.update(mirror.initializer_env(weights))
                 mirror.execute(env, block.node_range, keep=block.loss_outputs)
-                loss = runner.loss(block, env, index)
+                loss = runner.loss(block, env, index, targets)
             recon_loss = loss.detach()
             if p >= config.warmup and rounding:
                 beta = config.beta[1] + (config.beta[0] - config.beta[1]) * (1 - (p - config.warmup) / (1 - config.warmup))
@@ -163,9 +196,12 @@ def tune_block(runner: BlockRunner, block: Block, weights: list[str], tuned: lis
                 # Forward FLOPs x 3 for forward + backward: torch's counter overstates
                 # grouped-convolution backward by the group count.
                 flop = 3.0 * counter.get_total_flops()
-                if config.small_block_threads and flop < SMALL_BLOCK_FLOP and mirror.device.type == "cpu":
+                on_cpu = mirror.device.type == "cpu"
+                elements = sum(v.numel() for v in env.values() if v.is_floating_point())
+                if config.small_block_threads and flop < SMALL_BLOCK_FLOP and elements < SMALL_BLOCK_ELEMENTS and on_cpu:
                     block_threads = 1
                     torch.set_num_threads(1)
+                nhwc = config.channels_last and on_cpu and flop >= SMALL_BLOCK_FLOP and wants_channels_last(block, mirror.nodes)
                 timed_from = time.perf_counter()  # the counted iteration is slow: time the rest
             it += 1
             if config.early_stop and plateau.update(recon_loss):
@@ -185,4 +221,5 @@ def tune_block(runner: BlockRunner, block: Block, weights: list[str], tuned: lis
             runner.quantizers[t].scale.requires_grad_(False)
     end = time.perf_counter()
     rate = (it - 1) / (end - timed_from) if it > 1 else it / (end - started)
-    return TuneStats(it, end - started, rate, flop, clock.shortened, block_threads)
+    return TuneStats(it, end - started, rate, flop, clock.shortened, block_threads, nhwc,
+                     (tiles.h, tiles.w) if tiles is not None else None)
