@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "paper never does)")
     q.add_argument("--no-channels-last", action="store_true",
                    help="tune convolutional blocks in NCHW (default on CPU: channels-last, faster convolutions)")
+    q.add_argument("--tile", type=int, default=64, metavar="N",
+                   help="tune local convolutional blocks on random NxN crops of maps of 4 such tiles or more "
+                   "(default 64; 0: whole maps)")
     q.add_argument("--compile", action="store_true",
                    help="torch.compile the fake-quantization kernel while tuning (needs a C++ compiler; "
                    "falls back to eager with one warning)")
@@ -188,7 +191,7 @@ def _quantize(args: argparse.Namespace) -> int:
     recon = ReconConfig(granularity=args.granularity, max_layers=args.block_layers, loss=args.loss,
                         drop_prob=args.drop_prob, round_lambda=args.round_lambda, cache_gb=args.cache_gb,
                         early_stop=not args.no_early_stop, compile=args.compile,
-                        channels_last=not args.no_channels_last)
+                        channels_last=not args.no_channels_last, tile=args.tile)
     if args.solver not in SOLVERS:
         raise QLimitError(f"--solver must be one of {', '.join(SOLVERS)} (got {args.solver!r})")
     targets = Targets(size_bytes=args.target_size, avg_wbits=args.target_avg_wbits,

@@ -164,6 +164,7 @@ def test_exclude_and_bit_overrides_reach_the_report(tmp_path):
     (["--loss", "l1"], "--loss"),
     (["--granularity", "module"], "--granularity"),
     (["--drop-prob", "0"], "--drop-prob"),
+    (["--tile", "3"], "--tile"),
     (["--calib", "/nonexistent.npz"], "no such data file"),
     (["--preprocess", "size=1"], None),
 ])

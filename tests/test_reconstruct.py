@@ -212,7 +212,7 @@ def test_every_method_exports_with_parity(tmp_path, method, extra):
 
 @pytest.mark.parametrize("field,value,message", [
     ("method", "magic", "--method"), ("loss", "l1", "--loss"), ("granularity", "module", "granularit"),
-    ("drop_prob", 0.0, "--drop-prob")])
+    ("drop_prob", 0.0, "--drop-prob"), ("tile", -1, "--tile")])
 def test_bad_reconstruction_settings_are_refused(field, value, message):
     with pytest.raises(QLimitError, match=message):
         ReconConfig(**{field: value})

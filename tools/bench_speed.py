@@ -41,7 +41,7 @@ def _burn(stop) -> None:
 
 
 def run(name: str, model, work: Path, args, busy: bool = False) -> dict:
-    recon = {k: getattr(args, k) for k in SWITCHES if getattr(args, k) is not None}
+    recon = {k: getattr(args, k) for k in SWITCHES + ("tile",) if getattr(args, k) is not None}
     stop = multiprocessing.Event()
     neighbour = multiprocessing.Process(target=_burn, args=(stop,), daemon=True) if busy else None
     if neighbour is not None:
@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-size", type=int)
     for switch in SWITCHES:  # ReconConfig's speed levers, default when not given
         ap.add_argument("--" + switch.replace("_", "-"), type=lambda s: s == "on", choices=[True, False], metavar="on|off")
+    ap.add_argument("--tile", type=int, help="tile side for local blocks (0: off; default ReconConfig's)")
     ap.add_argument("--busy", action="store_true", help="also run beside a CPU-bound process; per-block slowdown")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--peak", action="store_true", help="print the matmul peak and stop")

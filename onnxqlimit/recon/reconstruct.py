@@ -97,6 +97,8 @@ class ReconConfig:
             raise QLimitError(f"--drop-prob must be in (0, 1] (got {self.drop_prob})")
         if self.iters < 1 or self.batch_size < 1 or self.max_layers < 1:
             raise QLimitError("--iters, --batch-size and --block-layers must be positive")
+        if self.tile < 0 or 0 < self.tile < 8:
+            raise QLimitError(f"--tile must be 0 (off) or at least 8 pixels (got {self.tile})")
 
     @property
     def block_config(self) -> BlockConfig:

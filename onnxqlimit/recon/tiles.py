@@ -61,7 +61,7 @@ class TileSampler:
 def tile_sampler(runner, block: Block, weights: list[str], side: int, generator: torch.Generator) -> TileSampler | None:
     """A sampler of tiles for the block, or None where tiling does not apply or pay: off
     (`side` 0), Fisher-weighted loss (its weights are per full-size output), a non-local
-    block, or maps smaller than four tiles."""
+    block, or maps of fewer than four tiles' pixels."""
     if not side or runner.fisher is not None:
         return None
     shapes = {name: tuple(runner.q.get(name, slice(0, 1)).shape) for name in block.inputs + block.context}
@@ -69,7 +69,7 @@ def tile_sampler(runner, block: Block, weights: list[str], side: int, generator:
     if not tileable(block, runner.mirror.nodes, shapes, constants):
         return None
     height, width = next(iter(shapes.values()))[2:]
-    if height * width < 4 * side * side:
+    if height * width < 4 * side * side:  # under four tiles: too little saved for the float pass
         return None
     return TileSampler(height, width, side, generator)
 
