@@ -209,7 +209,7 @@ def test_a_whole_map_tile_gives_the_cached_float_outputs(monkeypatch):
     """The float target of a tile is the float block on that tile: over the whole map it is
     exactly what the float model computed there."""
     seen = []
-    original = tune_module.float_outputs
+    original = tune_module.BlockRunner.float_outputs
 
     def check(runner, block, weights, index, tile):
         whole = (slice(0, None), slice(0, None))
@@ -219,6 +219,6 @@ def test_a_whole_map_tile_gives_the_cached_float_outputs(monkeypatch):
             torch.testing.assert_close(value, runner.fp.get(name, index), rtol=1e-5, atol=1e-5)
         return original(runner, block, weights, index, tile)
 
-    monkeypatch.setattr(tune_module, "float_outputs", check)
+    monkeypatch.setattr(tune_module.BlockRunner, "float_outputs", check)
     tuned(ReconConfig(iters=2, batch_size=4, progress=False, tile=8))
     assert seen

@@ -151,6 +151,19 @@ class BlockRunner:
                     outputs[name].append(env[name])
         return outputs
 
+    def float_outputs(self, block: Block, weights: list[str], index, tile: tuple[slice, slice]) -> dict[str, torch.Tensor]:
+        """The float block's loss outputs for samples `index`, on pixels `tile` of the float
+        model's inputs (the target of a tiled tuning step; tiles.py)."""
+        env = {name: self.fp.get(name, index, tile) for name in block.inputs + block.context}
+        set_enabled(self.quantizers, False)  # all are on while a block tunes
+        try:
+            with torch.no_grad():
+                env.update(self.mirror.initializer_env(weights))
+                self.mirror.execute(env, block.node_range, keep=block.loss_outputs)
+        finally:
+            set_enabled(self.quantizers, True)
+        return {name: env[name] for name in block.loss_outputs}
+
     @staticmethod
     def store(cache: TensorCache, outputs: dict[str, list[torch.Tensor]]) -> None:
         for name, chunks in outputs.items():

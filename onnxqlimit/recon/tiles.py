@@ -4,14 +4,13 @@ A block made only of local ops (convolutions, pooling windows, elementwise ops) 
 each output pixel from a neighbourhood of its input, so a tile of the input is a valid
 input of its own. At 640x640 a PP-OCR det block takes seconds per step on two cores; on
 tiles a fraction of the area it takes a matching fraction. The target of a tile is the
-float block run on the same tile of the float input (no grad), so both sides see the same
-zero padding at the tile's borders and the loss compares like with like.
+float block run on the same tile of the float input (BlockRunner.float_outputs), so both
+sides see the same zero padding at the tile's borders and the loss compares like with like.
 """
 from __future__ import annotations
 
 import torch
 
-from ..quant.fake_quant import FakeQuantize
 from .blocks import Block
 
 # Ops whose outputs at a pixel depend only on a window of their inputs around it.
@@ -72,20 +71,3 @@ def tile_sampler(runner, block: Block, weights: list[str], side: int, generator:
     if height * width < 4 * side * side:  # under four tiles: too little saved for the float pass
         return None
     return TileSampler(height, width, side, generator)
-
-
-def float_outputs(runner, block: Block, weights: list[str], index, tile: tuple[slice, slice]) -> dict[str, torch.Tensor]:
-    """The float block's loss outputs on a tile of the float model's inputs."""
-    quantizers: list[FakeQuantize] = list(runner.quantizers.values())
-    enabled = [q.enabled for q in quantizers]
-    env = {name: runner.fp.get(name, index, tile) for name in block.inputs + block.context}
-    try:
-        for q in quantizers:
-            q.enabled = False
-        with torch.no_grad():
-            env.update(runner.mirror.initializer_env(weights))
-            runner.mirror.execute(env, block.node_range, keep=block.loss_outputs)
-    finally:
-        for q, on in zip(quantizers, enabled):
-            q.enabled = on
-    return {name: env[name] for name in block.loss_outputs}

@@ -28,7 +28,7 @@ from ..quant.adaround import AdaRoundQuantize
 from ..quant.policy import QuantPoint
 from .blocks import Block
 from .runner import BlockRunner
-from .tiles import float_outputs, tile_sampler
+from .tiles import tile_sampler
 
 if TYPE_CHECKING:  # reconstruct imports this module
     from .reconstruct import ReconConfig
@@ -173,7 +173,7 @@ def tune_block(runner: BlockRunner, block: Block, weights: list[str], tuned: lis
                 scale_opt.param_groups[0]["lr"] = config.lr_scale * 0.5 * (1 + math.cos(math.pi * p))
             index = torch.randperm(runner.n, generator=generator)[: runner.batch]
             tile = tiles() if tiles is not None else None
-            targets = float_outputs(runner, block, weights, index, tile) if tile is not None else None
+            targets = runner.float_outputs(block, weights, index, tile) if tile is not None else None
             counter = FlopCounterMode(display=False) if it == 0 else None
             with counter if counter is not None else contextlib.nullcontext():
                 env = runner.entry_env(block, index, config.dropping, tile)
