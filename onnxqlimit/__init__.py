@@ -4,6 +4,17 @@ Pipeline: load -> mirror -> calibrate -> mixed precision -> reconstruct -> expor
 """
 __version__ = "0.1.0"
 
+import os as _os
+import sys as _sys
+
+# torch's OpenMP (libgomp) spins 300000 rounds at every barrier before it sleeps. Beside
+# another busy process the spinning thread holds the core its partner needs, and 2-thread
+# blocks ran 4.8x slower; 1000 rounds brings that under 3x for about 6% idle time on the
+# smallest nets (docs/reconstruction.md). libgomp reads this once, when torch loads: so only
+# before torch is imported, and never over the user's own GOMP_SPINCOUNT / OMP_WAIT_POLICY.
+if "torch" not in _sys.modules and not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(_os.environ):
+    _os.environ["GOMP_SPINCOUNT"] = "1000"
+
 from .errors import QLimitError, UnsupportedModelError  # noqa: E402
 from .load import LoadConfig, load_model  # noqa: E402
 from .mirror import Mirror  # noqa: E402

@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -73,3 +75,33 @@ def test_cli_threads(tmp_path, restore_threads, capsys):
         main(args + ["--threads", "0"])
     assert exit_info.value.code == 2
     assert "--threads" in capsys.readouterr().err
+
+
+def _child(code: str, **env) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                          timeout=300, check=True)
+
+
+@pytest.mark.parametrize("env,first,expected", [
+    ({}, "", "1000"),  # short OpenMP spin: a busy neighbour cannot stall 2-thread blocks
+    ({"GOMP_SPINCOUNT": "50"}, "", "50"),  # the user's own setting stands
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, "", "None"),
+    ({}, "import torch; ", "None"),  # too late once torch (and its OpenMP) is loaded: leave it
+])
+def test_openmp_spin_is_shortened_only_before_torch_loads_and_never_over_the_user(env, first, expected):
+    code = first + "import os, onnxqlimit; print(os.environ.get('GOMP_SPINCOUNT'))"
+    assert _child(code, **env).stdout.strip() == expected
+
+
+def test_two_processes_with_different_openmp_waits_write_identical_files(tmp_path):
+    """The spin setting changes scheduling only: the same run in two processes gives the same bytes."""
+    outputs = []
+    for i, env in enumerate(({}, {"OMP_WAIT_POLICY": "PASSIVE"})):
+        out = tmp_path / f"q{i}.onnx"
+        argv = ["quantize", str(MODELS / "zoo_resnet.onnx"), "-o", str(out), "--calib",
+                str(MODELS / "zoo_resnet_calib.npz"), "--wbits", "4", "--abits", "4", "--iters", "20",
+                "--calib-size", "16", "--device", "cpu", "--threads", "2", "--quiet"]
+        _child(f"import sys; from onnxqlimit.cli import main; sys.exit(main({argv!r}))", **env)
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
