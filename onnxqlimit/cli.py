@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threads", type=_positive, help="torch CPU threads (default: OMP_NUM_THREADS if set, else every core)")
     q.add_argument("--report", help="write a JSON report (per-node bits, scales, SQNR; sizes; parity)")
     q.add_argument("--first-last-bits", default="8", help="bits of the first and last compute layers: 8 (default) or 'same'")
+    q.add_argument("--embedding-bits", type=int, default=8,
+                   help="bits of tables read by Gather (embeddings), weight-only per row; 0 leaves them float (default 8)")
+    q.add_argument("--smooth", type=float, metavar="ALPHA",
+                   help="SmoothQuant: migrate activation outliers into MatMul/Gemm weights with strength ALPHA (0-1, e.g. 0.5)")
     q.add_argument("--exclude", action="append", default=[], metavar="NAME_OR_REGEX", help="leave matching nodes float (repeatable)")
     q.add_argument("--bits", default="", metavar="NAME_OR_REGEX=W/A,...", help="per-node bit overrides")
     q.add_argument("--weight-init", choices=["mse", "minmax"], default="mse")
@@ -187,7 +191,8 @@ def _quantize(args: argparse.Namespace) -> int:
         first_last_bits=None if args.first_last_bits == "same" else int(args.first_last_bits),
         quantize_add=args.quantize_add, quantize_concat=args.quantize_concat,
         quantize_act_matmul=args.quantize_attention, exclude=tuple(args.exclude),
-        overrides=parse_bit_overrides(args.bits))
+        overrides=parse_bit_overrides(args.bits), embedding_bits=args.embedding_bits or None,
+        smooth=args.smooth)
     recon = ReconConfig(granularity=args.granularity, max_layers=args.block_layers, loss=args.loss,
                         drop_prob=args.drop_prob, round_lambda=args.round_lambda, cache_gb=args.cache_gb,
                         early_stop=not args.no_early_stop, compile=args.compile,

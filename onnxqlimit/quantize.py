@@ -30,6 +30,7 @@ from .quant.bits import BitPlan, plan_widths, read_plan_file
 from .quant.policy import QuantConfig, place
 from .recon import METHODS, PRESETS, ReconConfig, reconstruct
 from .report import build_report
+from .smooth import candidates, channel_max, smooth
 from .state import QuantState
 
 log = logging.getLogger("onnxqlimit")
@@ -134,6 +135,10 @@ def _quantize(model, output_path, calibration, config: QuantConfig, options: Run
     mirror = Mirror(loaded).to(device)
     feeds = calibration_feeds(calibration, mirror.input_names, calib_size, options.preprocess)
     eval_data = _eval_data(options.eval_data, mirror.input_names) if options.eval_data else None
+    if config.smooth is not None:  # outlier channels migrated into the float weights (smooth.py)
+        act_max = channel_max(mirror, batches(feeds, batch_size), list(candidates(loaded)))
+        loaded = smooth(loaded, act_max, config.smooth)
+        mirror = Mirror(loaded).to(device)
 
     points = place(loaded, config)
     if not points:

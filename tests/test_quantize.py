@@ -180,3 +180,34 @@ def test_bad_quantize_input_is_one_line_exit_2_and_writes_nothing(tmp_path, caps
     if message:
         assert message in err
     assert not out.exists() and not list(tmp_path.glob(".q.onnx.*"))
+
+
+def test_a_model_calibrated_at_one_image_size_runs_at_others(tmp_path):
+    """Dynamic batch / height / width survive quantization: calibrated at 16x16, the file
+    runs at 24x24, 9x13 and batch 3 and stays close to the float model there."""
+    from onnx import helper
+
+    from tests.onnx_builders import make, rand, tensor
+
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c2"], ["r2"]), helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], transB=1)]
+    inits = [("w1", rand(8, 3, 3, 3)), ("b1", rand(8)), ("w2", rand(8, 8, 3, 3)), ("b2", rand(8)),
+             ("w3", rand(5, 8)), ("b3", rand(5))]
+    model = make(nodes, [tensor("x", ["batch", 3, "height", "width"])], [tensor("y", ["batch", 5])], inits)
+    src = tmp_path / "cnn.onnx"
+    onnx.save(model, str(src))
+    rng = np.random.default_rng(0)
+    calib = {"x": rng.uniform(0, 1, (16, 3, 16, 16)).astype(np.float32)}
+    quantize(src, tmp_path / "q.onnx", calib, QuantConfig(wbits=8, abits=8),
+             RunOptions(method="qdrop", iters=10, calib_size=16, batch_size=8, parity_samples=4, progress=False))
+    float_sess, quant_sess = ort_session(str(src)), ort_session(str(tmp_path / "q.onnx"))
+    assert [d.dim_param for d in onnx.load(str(tmp_path / "q.onnx")).graph.input[0].type.tensor_type.shape.dim] \
+        == ["batch", "", "height", "width"]
+    for shape in ((1, 3, 24, 24), (3, 3, 9, 13), (2, 3, 16, 16)):
+        x = rng.uniform(0, 1, shape).astype(np.float32)
+        ref, got = float_sess.run(None, {"x": x})[0], quant_sess.run(None, {"x": x})[0]
+        assert got.shape == ref.shape == (shape[0], 5)
+        sqnr = 10 * np.log10((ref ** 2).sum() / ((got - ref) ** 2).sum())
+        assert sqnr > 25, (shape, sqnr)

@@ -20,6 +20,8 @@ the same MinMax ranges as one pass (checked: identical) and Percentile ranges wi
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -83,6 +85,18 @@ def _pre_process(src: Path, dst: Path) -> str:
     raise AssertionError("unreachable")
 
 
+@contextlib.contextmanager
+def _working_dir(path):
+    """onnxruntime 1.32's quantize_static leaves a uuid-named copy of a large model's weights
+    (90 MB for MiniLM) in the working directory: run it from a temporary one."""
+    here = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(here)
+
+
 def quantize_with_ort(model_path, calib: dict[str, np.ndarray], out_path, wbits: int = 8,
                       abits: int = 8, method: str = "minmax") -> Path:
     """Quantize `model_path` to QDQ with onnxruntime and write `out_path`.
@@ -95,10 +109,10 @@ def quantize_with_ort(model_path, calib: dict[str, np.ndarray], out_path, wbits:
                              f"{b}-bit QuantType (it offers 4, 8 and 16 bits); use 8 or 4")
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, not {method!r}")
-    out_path = Path(out_path)
+    model_path, out_path = Path(model_path).resolve(), Path(out_path).resolve()
     opset = 21 if 4 in (wbits, abits) else 17
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="ortq.") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ortq.") as tmp, _working_dir(tmp):
         model = onnx.load(str(model_path))
         cur = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
         if cur < opset:

@@ -4,7 +4,8 @@
   quantized weights packed in their containers (3-bit weights in int4 count 4 bits) plus
   their scales and zero points, and each activation quantizer's constants. The exported
   file is measured the same way (`file_costs`), so the budget is checked on what ships.
-- avg_wbits: parameter-weighted logical weight bits over the quantized weights.
+- avg_wbits: parameter-weighted logical weight bits over the quantized layer weights
+  (Gather tables are left out: fixed-width lookups would swamp the layers' bits).
 - bitops: sum over compute nodes of MACs x weight bits x activation bits per sample at the
   calibration shape (an unquantized operand counts 32 bits). For a MatMul of two
   activations the second input plays the weight.
@@ -49,6 +50,7 @@ class CostModel:
         weights = [p for p in points if p.kind == "weight"]
         self.shapes = {p.tensor: tuple(mirror.initializer(p.tensor).shape) for p in weights}
         self.numel = {t: int(np.prod(shape)) for t, shape in self.shapes.items()}
+        self.layer_numel = {t: n for t, n in self.numel.items() if not self.points[t].table}  # what avg_wbits weighs
         used = {t for n in model.graph.node for t in n.input}
         self.base_bytes = sum(stored_bytes(t) for t in model.graph.initializer
                               if t.name in used and t.name not in self.numel)
@@ -91,9 +93,10 @@ class CostModel:
 
     def evaluate(self, plan: BitPlan | Mapping[str, int]) -> dict[str, float]:
         bits = plan.bits if isinstance(plan, BitPlan) else plan
-        weight_bits = sum(self.numel[t] * bits[t] for t in self.numel)
-        container_bits = sum(self.numel[t] * (4 if bits[t] == 3 else 8 if bits[t] > 4 else bits[t]) for t in self.numel)
-        params = max(1, sum(self.numel.values()))
+        layers = self.layer_numel
+        weight_bits = sum(n * bits[t] for t, n in layers.items())
+        container_bits = sum(n * (4 if bits[t] == 3 else 8 if bits[t] > 4 else bits[t]) for t, n in layers.items())
+        params = max(1, sum(layers.values()))
         costs = {"size_bytes": self.base_bytes + sum(self.storage(t, bits[t]) for t in self.points),
                  "avg_wbits": weight_bits / params, "container_wbits": container_bits / params,
                  "bitops": sum(self.node_bitops(n, bits) for n in self.nodes)}

@@ -141,7 +141,7 @@ def _problem(table: SensitivityTable, costs: CostModel, names: list[str], limits
     for node in costs.nodes:
         owner = table.owner.get(node.weight) if node.weight else None
         node_block[node.name] = owner if owner is not None else table.owner.get(node.act)
-    params = max(1, sum(costs.numel.values()))
+    params = max(1, sum(costs.layer_numel.values()))
     option_costs = []
     for b, options in enumerate(table.blocks):
         nodes = [n for n in costs.nodes if node_block[n.name] == b]
@@ -149,7 +149,7 @@ def _problem(table: SensitivityTable, costs: CostModel, names: list[str], limits
         for option in options:
             bits = {**upper, **option.bits}
             row = {"size_bytes": sum(costs.storage(t, w) for t, w in option.bits.items()),
-                   "avg_wbits": sum(costs.numel[t] * w for t, w in option.bits.items() if t in costs.numel) / params,
+                   "avg_wbits": sum(costs.layer_numel[t] * w for t, w in option.bits.items() if t in costs.layer_numel) / params,
                    "bitops": sum(costs.node_bitops(n, bits) for n in nodes)}
             if costs.latency is not None:
                 row["latency_ms"] = sum(costs.node_latency(n, bits) for n in nodes)
@@ -158,7 +158,7 @@ def _problem(table: SensitivityTable, costs: CostModel, names: list[str], limits
     owned = set(table.owner)
     loose = [n for n in costs.nodes if node_block[n.name] is None]
     const = {"size_bytes": costs.base_bytes + sum(costs.storage(t, upper[t]) for t in upper if t not in owned),
-             "avg_wbits": sum(costs.numel[t] * upper[t] for t in costs.numel if t not in owned) / params,
+             "avg_wbits": sum(n * upper[t] for t, n in costs.layer_numel.items() if t not in owned) / params,
              "bitops": sum(costs.node_bitops(n, upper) for n in loose),
              "latency_ms": (costs.latency["base_ms"] + sum(costs.node_latency(n, upper) for n in loose))
              if costs.latency is not None else 0.0}

@@ -5,6 +5,8 @@ and MatMul, and the activation inputs of those ops. Flags add residual-Add input
 Concat inputs and activation-by-activation MatMuls (attention). Everything else
 (LayerNorm, Softmax, Resize, shape ops, graph outputs) stays float. The first and last
 compute layers keep 8-bit weights and inputs unless told otherwise, as in the paper.
+Tables read by Gather (token and position embeddings) are quantized weight-only, per row,
+at `embedding_bits`: they are most of a text encoder's bytes but no multiply reads them.
 Each point becomes one FakeQuantize hook in the mirror and one Q/DQ pair in the file.
 """
 from __future__ import annotations
@@ -38,12 +40,18 @@ class QuantConfig:
     quantize_act_matmul: bool = False  # MatMul of two activations (attention scores/context)
     exclude: tuple[str, ...] = ()  # node names or regexes (full match) left float
     overrides: tuple[tuple[str, int, int], ...] = ()  # (node name or regex, wbits, abits)
+    embedding_bits: int | None = 8  # Gather tables, weight-only per row; None: float
+    smooth: float | None = None  # SmoothQuant migration strength (alpha) for MatMul/Gemm inputs; None: off
 
     def __post_init__(self):
         check_bits("weight", self.wbits)
         check_bits("activation", self.abits)
         if self.first_last_bits is not None:
             check_bits("weight", self.first_last_bits, "--first-last-bits")
+        if self.smooth is not None and not 0.0 < self.smooth < 1.0:
+            raise QLimitError(f"--smooth must be between 0 and 1 (got {self.smooth})")
+        if self.embedding_bits is not None:
+            check_bits("weight", self.embedding_bits, "--embedding-bits")
         for _, w, a in self.overrides:
             check_bits("weight", w, "--bits wbits")
             check_bits("activation", a, "--bits abits")
@@ -56,6 +64,7 @@ class QuantConfig:
     def all_bits(self) -> set[int]:
         """Every width the placement can give a quantizer (the BitPlan's opset floor before a search)."""
         bits = {self.wbits, self.abits} | {b for _, w, a in self.overrides for b in (w, a)}
+        bits |= {self.embedding_bits} if self.embedding_bits else set()
         return bits | ({self.first_last_bits} if self.first_last_bits else set())
 
 
@@ -66,6 +75,7 @@ class QuantPoint:
     spec: QuantSpec
     consumers: list[str] = field(default_factory=list)  # names of the nodes whose input it is
     fixed: bool = False  # width set by the user (--bits) or the first/last rule: a search keeps it
+    table: bool = False  # a Gather table: rounded to nearest, never tuned, fixed width, not in avg_wbits
 
 
 def _matches(patterns, node: onnx.NodeProto) -> bool:
@@ -143,6 +153,12 @@ def place(model: onnx.ModelProto, config: QuantConfig) -> list[QuantPoint]:
         for tensor in activation_inputs:
             add_act(tensor, abits, fixed, node)
 
+    if config.embedding_bits:
+        for node in graph.node:
+            if node.op_type == "Gather" and not _matches(config.exclude, node):
+                bits = next((w for p, w, _ in reversed(config.overrides) if _matches([p], node)), config.embedding_bits)
+                _add_table(node, inits, weights, config, bits)
+
     extra_ops = {"Add"} if config.quantize_add else set()
     extra_ops |= {"Concat"} if config.quantize_concat else set()
     for node in graph.node:
@@ -154,6 +170,21 @@ def place(model: onnx.ModelProto, config: QuantConfig) -> list[QuantPoint]:
             for tensor in inputs:
                 add_act(tensor, abits, fixed, node)
     return list(weights.values()) + list(acts.values())
+
+
+def _add_table(node: onnx.NodeProto, inits, weights: dict[str, QuantPoint], config: QuantConfig, bits: int) -> None:
+    """A float table of rank >= 2 gathered by runtime indices: one scale per gathered slice
+    (per row for an embedding), so a row's error does not depend on the largest row."""
+    name = node.input[0]
+    table = inits.get(name)
+    if table is None or table.data_type not in _FLOAT_TYPES or len(table.dims) < 2 or node.input[1] in inits:
+        return
+    if name in weights:  # a tied table also read by a MatMul keeps that layer's quantizer
+        weights[name].consumers.append(node.name)
+        return
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % len(table.dims)
+    spec = QuantSpec(bits, config.weight_symmetric, axis)
+    weights[name] = QuantPoint(name, "weight", spec, [node.name], fixed=True, table=True)
 
 
 def _float_tensors(model: onnx.ModelProto) -> set[str]:

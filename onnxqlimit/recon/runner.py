@@ -51,7 +51,7 @@ def quantizer_owners(mirror: Mirror, blocks: list[Block], points: list[QuantPoin
     the first block that reads its tensor and acts when that block (and any later reader)
     takes the tensor in: the producing block's loss then sees its unquantized output, and
     the quantizer is tuned with the layers it feeds. A tensor also read inside the block
-    that produces it keeps its quantizer there.
+    that produces it keeps its quantizer there. Gather tables belong to no block.
     """
     starts = [b.start for b in blocks]
 
@@ -67,7 +67,7 @@ def quantizer_owners(mirror: Mirror, blocks: list[Block], points: list[QuantPoin
     on_entry: set[str] = set()
     for point in points:
         read_by = readers.get(point.tensor, set())
-        if not read_by:
+        if not read_by or point.table:  # a table's rows are looked up, and most never appear in calibration
             continue
         owner = min(read_by)
         if point.kind == "activation":

@@ -1,0 +1,124 @@
+"""Text encoders: embedding tables quantized weight-only per row, placement in a BERT-style
+encoder, export parity, and exported files run at shapes other than the calibration shape."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from onnxqlimit.quant.policy import QuantConfig, place
+from onnxqlimit.quantize import RunOptions, quantize
+from tools.archs import BertEncoder, export_onnx
+
+NAMES = ["input_ids", "attention_mask", "token_type_ids"]
+VOCAB, HIDDEN, MAX_LEN = 200, 32, 32
+
+
+def token_feeds(rng, batch: int, seq: int) -> dict[str, np.ndarray]:
+    mask = (np.arange(seq)[None] < rng.integers(seq // 2, seq + 1, (batch, 1))).astype(np.int64)
+    return {"input_ids": rng.integers(1, VOCAB, (batch, seq)) * mask, "attention_mask": mask,
+            "token_type_ids": np.zeros((batch, seq), np.int64)}
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    torch.manual_seed(0)
+    net = BertEncoder(vocab_size=VOCAB, hidden=HIDDEN, layers=1, heads=2, ffn=64, max_len=MAX_LEN).eval()
+    example = tuple(torch.as_tensor(v) for v in token_feeds(np.random.default_rng(0), 2, 12).values())
+    path = tmp_path_factory.mktemp("bert") / "bert.onnx"
+    return export_onnx(net, example, path, 17, NAMES, ["hidden"], {n: {0: "batch", 1: "seq"} for n in NAMES})
+
+
+def _quantize(encoder, tmp_path, config: QuantConfig, method="rtn", name="q.onnx"):
+    calib = token_feeds(np.random.default_rng(1), 16, 12)
+    options = RunOptions(method=method, iters=10, calib_size=16, batch_size=8, parity_samples=4, progress=False,
+                         device="cpu")
+    quantize(encoder, tmp_path / name, calib, config, options)
+    return onnx.load(str(tmp_path / name))
+
+
+def _word_table_dq(model: onnx.ModelProto):
+    """The word table's stored integers and scales, and the DequantizeLinear a Gather reads."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] in gathered
+              and inits[n.input[0]].shape == (VOCAB, HIDDEN))
+    return inits[dq.input[0]], inits[dq.input[1]], dq
+
+
+def test_embedding_tables_are_weight_only_per_row_and_never_tuned(encoder):
+    model = onnx.load(str(encoder))
+    tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather"
+              and n.input[0] in {t.name for t in model.graph.initializer}}
+    assert len(tables) >= 2  # word and position embeddings (token types may fold into a constant)
+    points = {p.tensor: p for p in place(model, QuantConfig(wbits=4, abits=4))}
+    for name in tables:
+        point = points[name]
+        assert point.kind == "weight" and point.table and point.fixed
+        assert point.spec.bits == 8 and point.spec.channel_axis == 0  # one scale per row
+    assert not tables & {p.tensor for p in place(model, QuantConfig(embedding_bits=None))}
+    assert {p.spec.bits for p in place(model, QuantConfig(embedding_bits=4)) if p.table} == {4}
+
+
+@pytest.mark.parametrize("bits,dtype", [(8, np.int8), (4, "int4")])
+def test_exported_tables_shrink_the_file_and_run_at_other_shapes(encoder, tmp_path, bits, dtype):
+    model = _quantize(encoder, tmp_path, QuantConfig(wbits=8, abits=8, embedding_bits=bits), method="qdrop")
+    ints, scale, dq = _word_table_dq(model)
+    assert ints.shape[0] == scale.shape[0] and scale.ndim == 1  # per row
+    assert (ints.dtype == np.int8) if bits == 8 else (str(ints.dtype) == "int4")
+    assert next(a.i for a in dq.attribute if a.name == "axis") == 0
+    float_sess = ort.InferenceSession(str(encoder), providers=["CPUExecutionProvider"])
+    quant_sess = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(2)
+    for batch, seq in ((1, 5), (3, 12), (2, MAX_LEN)):  # calibrated at 12 tokens, batch 8
+        feeds = token_feeds(rng, batch, seq)
+        ref, got = float_sess.run(None, feeds)[0], quant_sess.run(None, feeds)[0]
+        assert got.shape == ref.shape == (batch, seq, HIDDEN)
+        cos = (ref * got).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1))
+        assert cos.min() > (0.999 if bits == 8 else 0.98), cos.min()
+
+
+def test_tables_shrink_the_file_and_stay_out_of_average_weight_bits(encoder, tmp_path):
+    options = RunOptions(method="rtn", calib_size=16, batch_size=8, parity_samples=4, progress=False, device="cpu")
+    calib = token_feeds(np.random.default_rng(1), 16, 12)
+    costs = {}
+    for bits in (None, 8):
+        config = QuantConfig(wbits=4, abits=8, first_last_bits=None, embedding_bits=bits)
+        costs[bits] = quantize(encoder, tmp_path / f"q{bits}.onnx", calib, config, options).report["costs"]
+    assert costs[8]["size_bytes"] < 0.6 * costs[None]["size_bytes"]  # the word table is most of this encoder
+    assert costs[8]["avg_wbits"] == costs[None]["avg_wbits"] == 4.0  # 8-bit tables do not count as layer bits
+
+
+def test_smoothing_keeps_the_float_function_and_flattens_what_is_quantized(encoder):
+    from onnxqlimit.load import load_model
+    from onnxqlimit.mirror import Mirror
+    from onnxqlimit.smooth import candidates, channel_max, smooth
+
+    model = load_model(str(encoder))
+    feeds = token_feeds(np.random.default_rng(3), 8, 12)
+    mirror = Mirror(model)
+    tensors = list(candidates(model))
+    assert tensors  # the encoder's linear layers read activations
+    act_max = channel_max(mirror, [feeds], tensors)
+    smoothed = smooth(model, act_max, 0.8)
+    onnx.checker.check_model(smoothed)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(run(smoothed), run(model), rtol=1e-4, atol=1e-4)  # X W = (X / s)(s W)
+    new_max = channel_max(Mirror(smoothed), [feeds], [f"{t}_smoothed" for t in tensors])
+    spread = lambda m: float(m.max() / np.median(m))
+    assert all(spread(new_max[f"{t}_smoothed"]) < 0.9 * spread(act_max[t]) for t in tensors)
+    points = {p.tensor for p in place(smoothed, QuantConfig()) if p.kind == "activation"}
+    assert {f"{t}_smoothed" for t in tensors} <= points and not set(tensors) & points
+
+
+def test_a_smoothed_quantized_encoder_keeps_parity_and_smooth_is_validated(encoder, tmp_path):
+    _quantize(encoder, tmp_path, QuantConfig(wbits=8, abits=8, smooth=0.8), method="qdrop")  # raises on lost parity
+    assert any(n.name.endswith("_Smooth") for n in onnx.load(str(tmp_path / "q.onnx")).graph.node)
+    from onnxqlimit.errors import QLimitError
+
+    for bad in (0.0, 1.0, -0.5):
+        with pytest.raises(QLimitError, match="--smooth"):
+            QuantConfig(smooth=bad)
