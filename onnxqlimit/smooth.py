@@ -58,7 +58,8 @@ def channel_max(mirror: Mirror, batches: Iterable[Mapping[str, np.ndarray]], ten
         for feeds in batches:
             env = mirror.execute(mirror.initial_env(feeds), keep=tensors)
             for name in tensors:
-                value = env[name].abs().flatten(0, -2).amax(0).float()
+                value = env[name].abs()
+                value = value.reshape(-1, value.shape[-1]).amax(0).float()
                 peak[name] = torch.maximum(peak[name], value) if name in peak else value
     return {name: value.cpu().numpy() for name, value in peak.items()}
 
