@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quantize-concat", action="store_true", help="also quantize Concat inputs")
     q.add_argument("--quantize-attention", action="store_true", help="also quantize MatMuls of two activations")
     q.add_argument("--no-simplify", action="store_true", help="skip onnxsim simplification")
+    q.add_argument("--overwrite", action="store_true", help="allow -o to be the input model's own file")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(run=_quantize)
     return parser
@@ -209,7 +210,8 @@ def _quantize(args: argparse.Namespace) -> int:
                                  seed=args.seed), work_dir)
     options = RunOptions(method=args.method, preset=args.preset, calib_size=args.calib_size, batch_size=args.batch_size,
                          iters=args.iters, recon=recon, seed=args.seed, device=args.device, threads=args.threads,
-                         simplify=not args.no_simplify, preprocess=args.preprocess, progress=not args.quiet,
+                         simplify=not args.no_simplify, overwrite=args.overwrite, preprocess=args.preprocess,
+                         progress=not args.quiet,
                          mixed=mixed, bits_plan=args.bits_plan, save_plan=args.save_plan, eval_data=args.eval_data)
     result = quantize(args.model, args.output, args.calib, config, options)
     r = result.report

@@ -53,6 +53,7 @@ class RunOptions:
     device: str = "auto"
     threads: int | None = None  # torch CPU threads; default: the user's own setting, else every core
     simplify: bool = True
+    overwrite: bool = False  # allow the output path to be the input model's own file
     preprocess: str | None = None  # for image-folder calibration
     parity_samples: int = 32
     progress: bool = True
@@ -127,6 +128,7 @@ def _quantize(model, output_path, calibration, config: QuantConfig, options: Run
     plan_entries = read_plan_file(options.bits_plan) if options.bits_plan else None
     if searching and plan_entries is not None:
         raise QLimitError("--bits-plan fixes every width; it cannot be combined with a --target-* search")
+    _check_output(model, Path(output_path), options.overwrite)
     original = read_model(model)
     widths = config.all_bits() | plan_widths(plan_entries or {})  # every width the file may hold
     if searching:
@@ -228,11 +230,25 @@ def _file_metric(qmodel: onnx.ModelProto, mirror: Mirror, state: QuantState, dat
                           {k: torch.cat(v) for k, v in outputs.items()}, data.labels)
 
 
+def _check_output(model, output: Path, overwrite: bool) -> None:
+    """Refuse, before any work, to write over the input model unless asked to."""
+    if isinstance(model, onnx.ModelProto) or overwrite:
+        return
+    source = Path(model)
+    if output.resolve() == source.resolve() or (output.exists() and source.exists() and output.samefile(source)):
+        raise QLimitError(f"{output}: the output is the input model; write elsewhere or pass --overwrite")
+
+
 def save_atomically(model: onnx.ModelProto, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: never a half-written model."""
+    """Write to a temporary file beside `path`, then rename: never a half-written model.
+    The file gets the permissions of an ordinary new file (0666 less the umask), not
+    mkstemp's private 0600, so a model server running as another user can read it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         onnx.save(model, tmp)
         os.replace(tmp, path)

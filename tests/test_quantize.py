@@ -211,3 +211,26 @@ def test_a_model_calibrated_at_one_image_size_runs_at_others(tmp_path):
         assert got.shape == ref.shape == (shape[0], 5)
         sqnr = 10 * np.log10((ref ** 2).sum() / ((got - ref) ** 2).sum())
         assert sqnr > 25, (shape, sqnr)
+
+
+def test_the_input_model_is_never_overwritten_unless_asked_and_output_is_world_readable(tmp_path, capsys):
+    import os
+    import shutil
+
+    src = tmp_path / "m.onnx"
+    shutil.copy(MODELS / "zoo_resnet.onnx", src)
+    before = src.read_bytes()
+    args = ["quantize", str(src), "--calib", zoo_calib("zoo_resnet"), "--method", "rtn", "--calib-size", "8", "--quiet"]
+    for target in (src, tmp_path / "." / "m.onnx"):
+        assert main(args + ["-o", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert "the output is the input model" in err and len(err.strip().splitlines()) == 1
+        assert src.read_bytes() == before
+    umask = os.umask(0o022)
+    try:
+        assert main(args + ["-o", str(tmp_path / "q.onnx")]) == 0
+        assert main(args + ["-o", str(src), "--overwrite"]) == 0
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "q.onnx").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    assert src.read_bytes() != before and onnx.load(str(src)).graph.node
