@@ -167,6 +167,10 @@ def from_image_folder(folder: Path, preprocess: str | None, input_names: list[st
 def calibration_feeds(source, input_names: list[str], limit: int, preprocess: str | None = None) -> dict[str, np.ndarray]:
     """Calibration samples from a .npz path, an image folder, a dict of arrays or a
     CalibrationDataReader; at most `limit` samples."""
+    return _finite(_calibration_feeds(source, input_names, limit, preprocess))
+
+
+def _calibration_feeds(source, input_names: list[str], limit: int, preprocess: str | None) -> dict[str, np.ndarray]:
     if hasattr(source, "get_next"):
         return from_reader(source, input_names, limit)
     if isinstance(source, Mapping):
@@ -178,3 +182,13 @@ def calibration_feeds(source, input_names: list[str], limit: int, preprocess: st
     if path.is_dir():
         return from_image_folder(path, preprocess, input_names, limit)
     return {k: v[:limit] for k, v in load_npz(path, input_names).items()}
+
+
+def _finite(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A NaN or Inf in the data would run to the end and fail at the parity check: name it now."""
+    for name, array in feeds.items():
+        if np.asarray(array).dtype.kind == "f" and not np.isfinite(array).all():
+            bad = np.argwhere(~np.isfinite(array))[0]
+            raise QLimitError(f"calibration input '{name}' holds NaN or Inf (first at sample {bad[0]}, "
+                              f"index {tuple(int(i) for i in bad)})")
+    return feeds

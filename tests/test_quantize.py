@@ -234,3 +234,18 @@ def test_the_input_model_is_never_overwritten_unless_asked_and_output_is_world_r
         os.umask(umask)
     assert (tmp_path / "q.onnx").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
     assert src.read_bytes() != before and onnx.load(str(src)).graph.node
+
+
+def test_a_nan_in_the_calibration_data_is_named_before_calibration(tmp_path, capsys):
+    data = dict(np.load(zoo_calib("zoo_resnet")))
+    name = next(iter(data))
+    data[name] = data[name].astype(np.float32)
+    data[name][3, 0, 1, 2] = np.nan
+    bad = tmp_path / "nan.npz"
+    np.savez(bad, **data)
+    out = tmp_path / "q.onnx"
+    code = main(["quantize", str(MODELS / "zoo_resnet.onnx"), "-o", str(out), "--calib", str(bad), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"calibration input '{name}' holds NaN or Inf (first at sample 3, index (3, 0, 1, 2))" in err
+    assert not out.exists()
