@@ -234,8 +234,8 @@ def _check_output(model, output: Path, overwrite: bool) -> None:
     """Refuse, before any work, to write over the input model unless asked to."""
     if isinstance(model, onnx.ModelProto) or overwrite:
         return
-    source = Path(model)
-    if output.resolve() == source.resolve() or (output.exists() and source.exists() and output.samefile(source)):
+    source = Path(model)  # samefile: another spelling, a symlink or a hard link is the same file
+    if output.exists() and source.exists() and output.samefile(source):
         raise QLimitError(f"{output}: the output is the input model; write elsewhere or pass --overwrite")
 
 
@@ -246,10 +246,10 @@ def save_atomically(model: onnx.ModelProto, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         onnx.save(model, tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -74,10 +74,8 @@ def smooth(model: onnx.ModelProto, act_max: Mapping[str, np.ndarray], alpha: flo
     for node in graph.node:
         for name in node.input:
             readers[name] += 1
-    layers_of = candidates(out)
-    weight_readers = {name: readers[name] for name in inits}
-    for tensor, layers in layers_of.items():
-        if tensor not in act_max or any(weight_readers[n.input[1]] > 1 or inits[n.input[1]].data_type
+    for tensor, layers in candidates(out).items():
+        if tensor not in act_max or any(readers[n.input[1]] > 1 or inits[n.input[1]].data_type
                                         != onnx.TensorProto.FLOAT for n, _ in layers):
             continue  # a weight shared with another reader cannot take this tensor's scales alone
         weights = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n, _ in layers]
