@@ -184,6 +184,44 @@ def _calibration_feeds(source, input_names: list[str], limit: int, preprocess: s
     return {k: v[:limit] for k, v in load_npz(path, input_names).items()}
 
 
+def conform(feeds: dict[str, np.ndarray], model: onnx.ModelProto, what: str = "calibration") -> dict[str, np.ndarray]:
+    """The arrays checked against the model's inputs before anything runs: rank, element
+    kind and every fixed dimension past the sample axis. Same-kind dtypes are cast
+    (float64 -> float32, int32 -> int64); a float input fed integers (raw uint8 images) or
+    the reverse is refused, since a silent cast would calibrate on the wrong scale."""
+    out = {}
+    for value in graph_inputs(model):
+        name, array = value.name, np.asarray(feeds[value.name])
+        shape = input_shape(value) if value.type.tensor_type.HasField("shape") else None
+        where = f"{what} input '{name}'"
+        if shape is not None and array.ndim != len(shape):
+            raise QLimitError(f"{where}: arrays of rank {array.ndim} {tuple(array.shape)}, the model takes rank "
+                              f"{len(shape)} {_dims(shape)} (samples on the first axis)")
+        wrong = [(i, d) for i, d in list(enumerate(shape or []))[1:] if isinstance(d, int) and d > 0 and array.shape[i] != d]
+        if wrong:
+            i, d = wrong[0]
+            hint = ""
+            if array.ndim == 4 and sorted(array.shape[1:]) == sorted(x for x in shape[1:] if isinstance(x, int)):
+                hint = " (the data looks channels-last; the model takes NCHW)"
+            elif array.ndim == 4:
+                hint = " (for an image folder, set --preprocess size=H,W to the model's)"
+            raise QLimitError(f"{where}: shape {tuple(array.shape)} contradicts the model's {_dims(shape)} "
+                              f"at axis {i} ({array.shape[i]} where the model fixes {d}){hint}")
+        want = _NP_TYPES.get(value.type.tensor_type.elem_type)
+        if want is not None and array.dtype != want:
+            same_kind = {array.dtype.kind, np.dtype(want).kind} <= {"i", "u"} or array.dtype.kind == np.dtype(want).kind
+            if not same_kind:
+                raise QLimitError(f"{where}: {array.dtype} data for a {np.dtype(want).name} input (convert it first; "
+                                  "images need the model's own scaling, e.g. /255 and mean/std)")
+            array = array.astype(want)
+        out[name] = array
+    return out
+
+
+def _dims(shape: list) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
 def _finite(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A NaN or Inf in the data would run to the end and fail at the parity check: name it now."""
     for name, array in feeds.items():

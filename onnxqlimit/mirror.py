@@ -7,6 +7,7 @@ stands exactly where a hook stands here).
 """
 from __future__ import annotations
 
+import difflib
 import re
 from collections import Counter
 from typing import Any, Iterable, Mapping, Sequence
@@ -181,6 +182,12 @@ class Mirror(nn.Module):
     def run(self, feeds: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Compute the graph outputs (or the named tensors) for one batch of inputs."""
         wanted = list(outputs) if outputs is not None else self.output_names
+        known = set(self.input_names) | {name for node in self.nodes for name in node.outputs}
+        missing = [name for name in wanted if name not in known]
+        if missing:  # before running: a typo should not cost a forward pass or end in a KeyError
+            near = difflib.get_close_matches(missing[0], sorted(known), n=3)
+            raise QLimitError(f"no tensor named {missing[0]!r} in the model"
+                              + (f" (near: {', '.join(near)})" if near else ""))
         env = self.execute(self.initial_env(feeds), keep=wanted)
         return {name: env[name] for name in wanted}
 

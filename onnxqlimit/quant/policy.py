@@ -11,6 +11,7 @@ Each point becomes one FakeQuantize hook in the mirror and one Q/DQ pair in the 
 """
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass, field
 
@@ -95,8 +96,22 @@ def _weight_axis(node: onnx.NodeProto, weight_index: int, rank: int) -> int:
     return rank - 1 if weight_index == 1 else rank - 2  # MatMul: the axis that survives in the output
 
 
+def check_patterns(model: onnx.ModelProto, config: QuantConfig) -> None:
+    """A --bits or --exclude pattern that matches no node is a typo, not a no-op: name it."""
+    names = [n for node in model.graph.node for n in (node.name, *node.output) if n]
+    for flag, patterns in (("--exclude", config.exclude), ("--bits", [p for p, *_ in config.overrides])):
+        for pattern in patterns:
+            if any(re.fullmatch(pattern, n) for n in names):
+                continue
+            near = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
+            examples = near or [n.name for n in model.graph.node if n.op_type in COMPUTE_OPS][:3]
+            raise QLimitError(f"{flag} {pattern!r} matches no node name or output (patterns match whole names; "
+                              f"{'near' if near else 'names look like'}: {', '.join(examples)})")
+
+
 def place(model: onnx.ModelProto, config: QuantConfig) -> list[QuantPoint]:
     """Where quantizers stand and their default widths (BitPlan.of(points) is the default plan)."""
+    check_patterns(model, config)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
