@@ -1,4 +1,4 @@
-"""Command line: `onnxqlimit inspect` and `onnxqlimit quantize`."""
+"""Command line: `onnxqlimit inspect`, `onnxqlimit quantize` and `onnxqlimit eval`."""
 from __future__ import annotations
 
 import argparse
@@ -75,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--block-layers", type=_positive, default=6, metavar="N",
                      help="most weight layers per block at granularity block (default 6)")
     ins.set_defaults(run=_inspect)
+
+    ev = sub.add_parser("eval", help="accuracy, or agreement with a float model, of a model on data (onnxruntime)")
+    ev.add_argument("model", help="ONNX model file (quantized or not)")
+    ev.add_argument("--data", required=True, metavar="VAL.npz", help=".npz with one array per model input")
+    ev.add_argument("--labels", metavar="KEY", help="array in --data holding one class label per sample (top-1 accuracy "
+                    "of the first output)")
+    ev.add_argument("--reference", metavar="FP.onnx", help="float model to compare with: SQNR per output, and top-1 "
+                    "agreement for [N, classes] outputs")
+    ev.add_argument("--batch-size", type=_positive, default=32)
+    ev.set_defaults(run=_eval)
 
     q = sub.add_parser("quantize", help="quantize a model and write a QDQ ONNX file")
     q.add_argument("model", help="FP32 ONNX model")
@@ -180,8 +190,10 @@ def _quantize(args: argparse.Namespace) -> int:
     from .mixed.sensitivity import SensitivityConfig
     from .mixed.solvers import SOLVERS, GAConfig
     from .quant.policy import QuantConfig
+    from .evaluate import OutputQuality, format_quality
     from .quantize import RunOptions, quantize, write_report
     from .recon import ReconConfig
+    from .report import format_block_table
 
     if args.first_last_bits not in ("same",) and not args.first_last_bits.isdigit():
         raise QLimitError(f"--first-last-bits must be a bit width or 'same' (got {args.first_last_bits!r})")
@@ -239,18 +251,54 @@ def _quantize(args: argparse.Namespace) -> int:
         print(f"plan: {args.save_plan}")
     tuning = r["reconstruction"]
     if tuning:
+        print(format_block_table(tuning["blocks"]))
         print(f"reconstruction: {len(tuning['blocks'])} blocks, {tuning['samples']} samples, "
               f"{tuning['seconds']:.1f} s ({tuning['gflops']:.1f} GFLOP/s while tuning), "
               f"cache peak {tuning['peak_cache_mb']:.0f} MB{' (partly on disk)' if tuning['cache_on_disk'] else ''}, "
               f"process peak {tuning['peak_rss_mb']:.0f} MB")
     print(f"size: {sizes['float'] / 1e6:.2f} MB -> {sizes['quantized'] / 1e6:.2f} MB ({sizes['ratio']:.1%}); "
           f"time {r['seconds']:.1f} s")
-    for p in r["parity"]:
-        print(f"parity {p['output']}: max|diff|/range {p['max_diff_over_range']:.2e}, "
-              f"within one step {p['within_one_step']:.2%}")
+    q = r["quality"]
+    print(f"quality, float model vs this file in onnxruntime on {q['samples']} "
+          f"{'held-back samples' if q['held_back'] else 'calibration samples (none held back)'}: "
+          + format_quality([OutputQuality(**o) for o in q["outputs"]]))
+    print("parity, this file vs the tuned mirror (what was optimised is what ships; not a quality measure): "
+          + "; ".join(f"{p['output']} {p['within_one_step']:.2%} of values within one quantization step"
+                      for p in r["parity"]))
     if args.report:
         write_report(r, args.report)
         print(f"report: {args.report}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .data import conform, graph_inputs, load_npz
+    from .evaluate import compare, format_quality, run
+    from .load import read_model
+
+    if not args.labels and not args.reference:
+        raise QLimitError("eval needs --labels KEY (accuracy) or --reference FP.onnx (agreement with a float model)")
+    model = read_model(args.model)
+    feeds = conform(load_npz(args.data, [v.name for v in graph_inputs(model)]), model, f"{args.data}:")
+    labels = None
+    if args.labels:
+        with np.load(args.data, allow_pickle=False) as data:
+            if args.labels not in data.files:
+                raise QLimitError(f"{args.data}: no array {args.labels!r} for --labels (file has: {', '.join(data.files)})")
+            labels = np.asarray(data[args.labels])
+        if len(labels) != len(next(iter(feeds.values()))):
+            raise QLimitError(f"{args.data}: {args.labels!r} must hold one label per sample")
+    outputs = run(model, feeds, args.batch_size)
+    reference = None
+    if args.reference:
+        ref_model = read_model(args.reference)
+        reference = run(ref_model, conform(feeds, ref_model, f"{args.data}:"), args.batch_size)
+    rows = compare(outputs, reference, labels)
+    if labels is not None and rows[0].accuracy is None:
+        raise QLimitError(f"--labels: the first output {rows[0].name!r} is not [samples, classes]")
+    print(f"{args.model} on {len(next(iter(feeds.values())))} samples of {args.data}: {format_quality(rows)}")
     return 0
 
 

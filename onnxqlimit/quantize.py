@@ -17,8 +17,10 @@ import onnx
 import torch
 
 from .calibrate import attach_quantizers, calibrate, set_enabled
-from .data import batches, calibration_feeds, fixed_batch_size, load_npz
+from .data import batches, calibration_feeds, conform, fixed_batch_size, graph_inputs, load_npz, parse_preprocess
 from .errors import QLimitError
+from .evaluate import compare
+from .evaluate import run as run_model
 from .export import export_qdq, required_opset
 from .load import LoadConfig, load_model, read_model
 from .mirror import Mirror
@@ -36,6 +38,7 @@ from .state import QuantState
 log = logging.getLogger("onnxqlimit")
 
 INTEGER_CHECK_SAMPLES = 2
+HOLD_BACK = 32  # calibration-source samples past --calib-size kept for the end-of-run quality
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 _THREADS_AT_IMPORT = torch.get_num_threads()
 
@@ -116,6 +119,8 @@ def _quantize(model, output_path, calibration, config: QuantConfig, options: Run
         raise QLimitError(f"--method {options.method!r} is not available (choose from {', '.join(METHODS)})")
     if options.preset not in PRESETS:
         raise QLimitError(f"--preset must be one of {', '.join(PRESETS)} (got {options.preset!r})")
+    if options.preprocess is not None:
+        parse_preprocess(options.preprocess)  # a typo is refused before the model loads, folder or not
     preset = PRESETS[options.preset]
     calib_size, batch_size = options.calib_size or preset.calib_size, options.batch_size or preset.batch_size
     recon = replace(options.recon, method=options.method, iters=options.iters or preset.iters, batch_size=batch_size,
@@ -135,8 +140,13 @@ def _quantize(model, output_path, calibration, config: QuantConfig, options: Run
         widths |= set(options.mixed.sensitivity.wbits_choices) | set(options.mixed.sensitivity.abits_choices)
     loaded = load_model(original, LoadConfig(simplify=options.simplify, min_opset=required_opset(widths)))
     mirror = Mirror(loaded).to(device)
-    feeds = calibration_feeds(calibration, mirror.input_names, calib_size, options.preprocess)
-    eval_data = _eval_data(options.eval_data, mirror.input_names) if options.eval_data else None
+    feeds = conform(calibration_feeds(calibration, mirror.input_names, calib_size + HOLD_BACK, options.preprocess),
+                    loaded)
+    # Samples past calib_size are held back: the end-of-run quality is measured on data the
+    # run never tuned on (when the source has no more, on the calibration samples, said so).
+    held_back = {k: v[calib_size:] for k, v in feeds.items()}
+    feeds = {k: v[:calib_size] for k, v in feeds.items()}
+    eval_data = _eval_data(options.eval_data, loaded) if options.eval_data else None
     if config.smooth is not None:  # outlier channels migrated into the float weights (smooth.py)
         act_max = channel_max(mirror, batches(feeds, batch_size), list(candidates(loaded)))
         loaded = smooth(loaded, act_max, config.smooth)
@@ -188,9 +198,13 @@ def _quantize(model, output_path, calibration, config: QuantConfig, options: Run
     if options.save_plan:
         state.plan.save(options.save_plan, points)
     report = build_report(original, qmodel, output_path, mirror, state, parity_feeds, parity,
-                          config, {**asdict(options), "calib_size": calib_size, "batch_size": batch_size,
+                          config, {**asdict(options), "calib_size": len(next(iter(feeds.values()))),
+                                   "calib_size_limit": calib_size, "batch_size": batch_size,
                                    "recon": asdict(recon)}, time.perf_counter() - started)
     report["integer_parity"] = asdict(flips)
+    held = len(next(iter(held_back.values())))
+    report["quality"] = {**_quality(original, qmodel, held_back if held else parity_feeds, batch_size),
+                         "held_back": bool(held)}
     report["threads"] = torch.get_num_threads() if device.type == "cpu" else None
     report["reconstruction"] = asdict(tuning) if tuning is not None else None
     report["costs"] = costs
@@ -201,14 +215,21 @@ def _quantize(model, output_path, calibration, config: QuantConfig, options: Run
     return QuantizeResult(output_path, report)
 
 
-def _eval_data(path: str, input_names: list[str]) -> EvalData:
+def _eval_data(path: str, model: onnx.ModelProto) -> EvalData:
     """`--eval DATA.npz`: model inputs by name, and optionally `labels` (one per sample)."""
-    feeds = load_npz(path, input_names)
+    feeds = conform(load_npz(path, [v.name for v in graph_inputs(model)]), model, f"{path}:")
     with np.load(path, allow_pickle=False) as data:
         labels = np.asarray(data["labels"]) if "labels" in data.files else None
     if labels is not None and len(labels) != len(next(iter(feeds.values()))):
         raise QLimitError(f"{path}: 'labels' must hold one label per sample")
     return EvalData(feeds, labels)
+
+
+def _quality(original: onnx.ModelProto, qmodel: onnx.ModelProto, feeds: dict[str, np.ndarray],
+             batch_size: int) -> dict:
+    """Float model vs the exported file on `feeds`, both in onnxruntime (evaluate.py)."""
+    rows = compare(run_model(qmodel, feeds, batch_size), run_model(original, feeds, batch_size))
+    return {"samples": len(next(iter(feeds.values()))), "outputs": [asdict(r) for r in rows]}
 
 
 def _file_metric(qmodel: onnx.ModelProto, mirror: Mirror, state: QuantState, data: EvalData, batch_size: int) -> float:
@@ -231,7 +252,17 @@ def _file_metric(qmodel: onnx.ModelProto, mirror: Mirror, state: QuantState, dat
 
 
 def _check_output(model, output: Path, overwrite: bool) -> None:
-    """Refuse, before any work, to write over the input model unless asked to."""
+    """Refuse, before any work, an output that cannot be written, and writing over the
+    input model unless asked to."""
+    if output.is_dir():
+        raise QLimitError(f"{output}: is a folder; -o takes the path of the model file to write")
+    folder = output.parent
+    while not folder.exists() and folder != folder.parent:  # the folders that save_atomically would create
+        folder = folder.parent
+    if not folder.is_dir():
+        raise QLimitError(f"{output}: cannot write there ({folder} is not a folder)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise QLimitError(f"{output}: cannot write there (no write permission in {folder})")
     if isinstance(model, onnx.ModelProto) or overwrite:
         return
     source = Path(model)  # samefile: another spelling, a symlink or a hard link is the same file

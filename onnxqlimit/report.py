@@ -78,3 +78,15 @@ def build_report(original: onnx.ModelProto, exported: onnx.ModelProto, output_pa
         "nodes": nodes,
         "seconds": round(seconds, 2),
     }
+
+
+def format_block_table(blocks: list[dict]) -> str:
+    """One line per reconstructed block: the loss it was tuned on before and after (without
+    the rounding regulariser, which the progress bar also leaves out) and its time."""
+    lines = [f"{'block':>5} {'layers':>6} {'iters':>6} {'loss before':>12} {'loss after':>11} {'change':>8} {'time':>8}  nodes"]
+    for b in blocks:
+        change = b["loss_after"] / b["loss_before"] - 1 if b["loss_before"] > 0 else 0.0
+        note = " (round to nearest kept)" if b["kept_rtn"] else " (stopped on a plateau)" if b["stopped_early"] else ""
+        lines.append(f"{b['index'] + 1:>5} {b['layers']:>6} {b['iters']:>6} {b['loss_before']:>12.4g} "
+                     f"{b['loss_after']:>11.4g} {change:>+8.1%} {b['seconds']:>7.1f}s  {b['nodes']}{note}")
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""What a run tells the user about quality: the end-of-run comparison on held-back samples
+and `onnxqlimit eval` (accuracy with labels, agreement / SQNR against a float model)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+
+from onnxqlimit.cli import main
+from tests.conftest import MODELS
+
+MODEL, CALIB, VAL = (MODELS / f"zoo_resnet{s}" for s in (".onnx", "_calib.npz", "_val.npz"))
+
+
+def test_run_ends_with_quality_on_held_back_samples_and_eval_agrees(tmp_path, capsys):
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    assert main(["quantize", str(MODEL), "-o", str(out), "--calib", str(CALIB), "--method", "rtn", "--wbits", "4",
+                 "--calib-size", "64", "--report", str(report), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "quality, float model vs this file in onnxruntime on 32 held-back samples: logits: SQNR " in text
+    assert "not a quality measure" in text
+    quality = json.loads(report.read_text())["quality"]
+    assert quality["held_back"] and quality["samples"] == 32
+    row = quality["outputs"][0]
+    assert 5 < row["sqnr_db"] < 60 and 0.5 < row["top1_agreement"] <= 1.0
+
+    assert main(["eval", str(out), "--data", str(VAL), "--labels", "label", "--reference", str(MODEL)]) == 0
+    line = capsys.readouterr().out
+    val = np.load(VAL)
+    logits = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": val["input"]})[0]
+    ref = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"]).run(None, {"input": val["input"]})[0]
+    assert f"accuracy {np.mean(logits.argmax(1) == val['label']):.2%}" in line
+    assert f"top-1 agreement {np.mean(logits.argmax(1) == ref.argmax(1)):.2%}" in line
+    sqnr = 10 * np.log10((ref.astype(np.float64) ** 2).sum() / ((logits - ref.astype(np.float64)) ** 2).sum())
+    assert f"SQNR {sqnr:.1f} dB" in line
+
+
+def test_without_spare_samples_quality_is_said_to_be_on_calibration_data(tmp_path, capsys):
+    small = tmp_path / "c.npz"
+    np.savez(small, input=np.load(CALIB)["input"][:16])
+    assert main(["quantize", str(MODEL), "-o", str(tmp_path / "q.onnx"), "--calib", str(small), "--method", "rtn",
+                 "--quiet"]) == 0
+    assert "on 16 calibration samples (none held back)" in capsys.readouterr().out
+
+
+def test_eval_needs_labels_or_a_reference(tmp_path, capsys):
+    assert main(["eval", str(MODEL), "--data", str(VAL)]) == 2
+    assert "eval needs --labels KEY" in capsys.readouterr().err
+    assert main(["eval", str(MODEL), "--data", str(VAL), "--labels", "nope"]) == 2
+    assert "no array 'nope' for --labels (file has: input, label)" in capsys.readouterr().err
