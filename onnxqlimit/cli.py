@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ga-crossover", type=float, default=0.9, help="crossover probability (default 0.9)")
     m.add_argument("--sens-samples", type=_positive, default=32, help="samples for the sensitivities (default 32)")
     m.add_argument("--work-dir", default=None,
-                   help="cache for sensitivities and latency tables (default $ONNXQLIMIT_CACHE or ~/.cache/onnxqlimit)")
+                   help="cache for sensitivities, latency tables and the checkpoints of finished blocks that "
+                        "--resume restores (default $ONNXQLIMIT_CACHE or ~/.cache/onnxqlimit)")
     m.add_argument("--save-plan", metavar="PLAN.json", help="write the bit plan used (node -> wbits/abits)")
     m.add_argument("--bits-plan", metavar="PLAN.json", help="quantize with this bit plan (e.g. an edited --save-plan)")
     q.add_argument("--method", default="qdrop", help="rtn (round to nearest) | adaround (layer-wise) | brecq (block-wise) "
@@ -164,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quantize-concat", action="store_true", help="also quantize Concat inputs")
     q.add_argument("--quantize-attention", action="store_true", help="also quantize MatMuls of two activations")
     q.add_argument("--no-simplify", action="store_true", help="skip onnxsim simplification")
+    q.add_argument("--resume", action="store_true",
+                   help="restore the blocks that an interrupted run of the same model, data and options saved "
+                        "in the work dir, and tune only the rest (the file is the same as an uninterrupted run's)")
     q.add_argument("--overwrite", action="store_true", help="allow -o to be the input model's own file")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(run=_quantize)
@@ -224,7 +228,8 @@ def _quantize(args: argparse.Namespace) -> int:
                          iters=args.iters, recon=recon, seed=args.seed, device=args.device, threads=args.threads,
                          simplify=not args.no_simplify, overwrite=args.overwrite, preprocess=args.preprocess,
                          progress=not args.quiet,
-                         mixed=mixed, bits_plan=args.bits_plan, save_plan=args.save_plan, eval_data=args.eval_data)
+                         mixed=mixed, bits_plan=args.bits_plan, save_plan=args.save_plan, eval_data=args.eval_data,
+                         work_dir=str(work_dir), resume=args.resume)
     result = quantize(args.model, args.output, args.calib, config, options)
     r = result.report
     sizes = r["size_bytes"]
@@ -345,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnxqlimit: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("onnxqlimit: interrupted", file=sys.stderr)
+        hint = ("; nothing was written, finished blocks are saved: rerun the same command with --resume"
+                if args.command == "quantize" else "")
+        print(f"onnxqlimit: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as err:  # a bug: one line by default, the traceback with --debug
         if args.debug:

@@ -31,6 +31,7 @@ from .parity import check_integers, check_mirror, format_parity, ort_session
 from .quant.bits import BitPlan, plan_widths, read_plan_file
 from .quant.policy import QuantConfig, place
 from .recon import METHODS, PRESETS, ReconConfig, reconstruct
+from .recon.checkpoint import Checkpoints, run_key
 from .report import build_report
 from .smooth import candidates, channel_max, smooth
 from .state import QuantState
@@ -64,6 +65,8 @@ class RunOptions:
     bits_plan: str | None = None  # a JSON plan (node -> {wbits, abits}) to quantize with
     save_plan: str | None = None  # write the plan used here
     eval_data: str | None = None  # .npz (model inputs, optional `labels`) for --target-metric
+    work_dir: str | None = None  # checkpoints of finished blocks (recon/checkpoint.py); None: none kept
+    resume: bool = False  # restore the blocks an interrupted run of the same inputs saved in work_dir
 
 
 @dataclass
@@ -170,7 +173,13 @@ def _quantize(model, output_path, calibration, config: QuantConfig, options: Run
             state.apply(searched.plan)
         if state.plan != default:  # activation ranges follow the weights' new widths
             state.calibration = calibrate(mirror, points, quantizers, calib_batches, config, options.progress)
-    tuning = reconstruct(mirror, loaded, state, feeds, recon) if recon.method != "rtn" else None
+    checkpoints = None
+    if options.work_dir is not None and recon.method != "rtn":
+        settings = {"config": asdict(config), "plan": state.plan.to_nodes(points), "device": device.type,
+                    "threads": torch.get_num_threads(), "recon": {k: v for k, v in asdict(recon).items() if k != "progress"}}
+        checkpoints = Checkpoints(Path(options.work_dir), run_key(original.SerializeToString(), feeds, settings),
+                                  options.resume)
+    tuning = reconstruct(mirror, loaded, state, feeds, recon, checkpoints) if recon.method != "rtn" else None
 
     qmodel = export_qdq(loaded, mirror, state)
     parity_feeds = {k: v[: options.parity_samples] for k, v in feeds.items()}
@@ -195,6 +204,8 @@ def _quantize(model, output_path, calibration, config: QuantConfig, options: Run
         raise RuntimeError(f"exported file exceeds its budget: {', '.join(f'{n} {costs[n]:.6g} > {budgets[n]:.6g}' for n in over)}")
     output_path = Path(output_path)
     save_atomically(qmodel, output_path)
+    if checkpoints is not None:
+        checkpoints.finish()
     if options.save_plan:
         state.plan.save(options.save_plan, points)
     report = build_report(original, qmodel, output_path, mirror, state, parity_feeds, parity,

@@ -87,6 +87,7 @@ def format_block_table(blocks: list[dict]) -> str:
     for b in blocks:
         change = b["loss_after"] / b["loss_before"] - 1 if b["loss_before"] > 0 else 0.0
         note = " (round to nearest kept)" if b["kept_rtn"] else " (stopped on a plateau)" if b["stopped_early"] else ""
+        note += " (resumed from a checkpoint)" if b.get("resumed") else ""
         lines.append(f"{b['index'] + 1:>5} {b['layers']:>6} {b['iters']:>6} {b['loss_before']:>12.4g} "
                      f"{b['loss_after']:>11.4g} {change:>+8.1%} {b['seconds']:>7.1f}s  {b['nodes']}{note}")
     return "\n".join(lines)

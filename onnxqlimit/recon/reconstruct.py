@@ -13,7 +13,7 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from ..quant.policy import QuantPoint
 from ..state import QuantState
 from .block_cache import TensorCache
 from .blocks import GRANULARITIES, Block, BlockConfig, find_blocks
+from .checkpoint import Checkpoints
 from .fisher import fisher_weights
 from .runner import BlockRunner, boundary_tensors, probe_layouts, quantizer_owners, slices
 from .tune import TuneStats, rtn_restorer, tune_block
@@ -127,6 +128,7 @@ class BlockResult:
     threads: int = 0
     channels_last: bool = False  # tuned on channels-last activations
     tile: tuple[int, int] | None = None  # tuned on random tiles of this size
+    resumed: bool = False  # taken from a checkpoint of an interrupted run (checkpoint.py)
 
 
 @dataclass
@@ -145,8 +147,10 @@ class ReconResult:
 
 
 def reconstruct(mirror: Mirror, model, state: QuantState, feeds: Mapping[str, np.ndarray],
-                config: ReconConfig) -> ReconResult:
-    """Tune the state's quantizers in place (AdaRound modules replace the tuned weights' quantizers)."""
+                config: ReconConfig, checkpoints: Checkpoints | None = None) -> ReconResult:
+    """Tune the state's quantizers in place (AdaRound modules replace the tuned weights' quantizers).
+    With `checkpoints`, each finished block is saved, and blocks saved by an earlier run of
+    the same inputs are restored instead of tuned."""
     points, quantizers = state.points, state.quantizers
     started = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -177,7 +181,17 @@ def reconstruct(mirror: Mirror, model, state: QuantState, feeds: Mapping[str, np
         mirror.set_hook(name, None)
     try:
         for block in blocks:
-            result.blocks.append(_reconstruct_block(run, block, owners.get(block.index, []), len(blocks), config, bar))
+            # A block's random numbers depend on (seed, block) alone, so a resumed run tunes
+            # the blocks it did not finish exactly as an uninterrupted run would.
+            torch.manual_seed(config.seed * 100003 + block.index)
+            reset_masks()
+            tuned = owners.get(block.index, [])
+            names = [p.tensor for p in tuned]
+            restored = checkpoints.load(block.index, run.quantizers, names, mirror.initializer, mirror.set_hook,
+                                        BlockResult) if checkpoints is not None else None
+            result.blocks.append(_reconstruct_block(run, block, tuned, len(blocks), config, bar, restored))
+            if checkpoints is not None and restored is None:
+                checkpoints.save(block.index, run.quantizers, names, result.blocks[-1])
             for cache in run.caches():
                 for name in block.inputs + block.context + block.outputs:
                     if last_reader.get(name, -1) <= block.index:
@@ -200,12 +214,19 @@ def reconstruct(mirror: Mirror, model, state: QuantState, feeds: Mapping[str, np
 
 
 def _reconstruct_block(runner: BlockRunner, block: Block, tuned: list[QuantPoint], count: int, config: ReconConfig,
-                       bar: tqdm | None) -> BlockResult:
-    """Float target, loss before, tuning, loss after; the quantized outputs feed the next block."""
+                       bar: tqdm | None, restored: BlockResult | None = None) -> BlockResult:
+    """Float target, loss before, tuning, loss after; the quantized outputs feed the next block.
+    A `restored` block (its quantizers already loaded) only refills the caches."""
     weights = runner.mirror.initializers_read(block.node_range)
     set_enabled(runner.quantizers, False)
     runner.store(runner.fp, runner.run(runner.fp, block, weights, runner.chunks))
     set_enabled(runner.quantizers, True)
+    if restored is not None:
+        runner.store(runner.q, runner.run(runner.q, block, weights, runner.chunks))
+        runner.track()
+        if bar is not None and tuned and config.method != "rtn":
+            bar.update(config.iters)
+        return replace(restored, resumed=True)
     eval_chunks = runner.chunks[: max(1, 128 // runner.batch)]
     before = runner.error(runner.run(runner.q, block, weights, eval_chunks), block, eval_chunks)
     stats, kept_rtn = None, False
