@@ -51,6 +51,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, config: LoadConfig |
     config = config or LoadConfig()
     model = read_model(source)
     metadata = [(p.key, p.value) for p in model.metadata_props]
+    original_initializers = {t.name for t in model.graph.initializer}
     topological_sort(model.graph)
     large = model.ByteSize() > _TWO_GB
     if not large:  # the checker cannot serialise >2 GB protos in memory
@@ -69,6 +70,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, config: LoadConfig |
     if config.fold_batchnorm:
         fold_batchnorm(model.graph)
     _name_nodes(model.graph)
+    _name_new_initializers(model.graph, original_initializers)
     model = _infer_shapes(model)
 
     del model.metadata_props[:]
@@ -78,15 +80,43 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, config: LoadConfig |
 
 
 def _name_nodes(graph: onnx.GraphProto) -> None:
-    """Give unnamed nodes unique names: reports, --exclude and --bits refer to nodes by name."""
+    """Give unnamed nodes unique names: reports, --exclude and --bits refer to nodes by name.
+    A node that onnxsim made (a Gemm fused from MatMul + Add) is named after its output,
+    which keeps the user's tensor name, rather than after its position."""
     taken = {n.name for n in graph.node if n.name}
     for index, node in enumerate(graph.node):
         if not node.name:
-            name = f"{node.op_type}_{index}"
+            name = node.output[0] if node.output and node.output[0] else f"{node.op_type}_{index}"
             while name in taken:
                 name += "_"
             node.name = name
             taken.add(name)
+
+
+_ROLES = {("Conv", 1): "weight", ("Conv", 2): "bias", ("ConvTranspose", 1): "weight", ("ConvTranspose", 2): "bias",
+          ("Gemm", 1): "weight", ("Gemm", 2): "bias", ("MatMul", 1): "weight"}
+
+
+def _name_new_initializers(graph: onnx.GraphProto, original: set[str]) -> None:
+    """Initializers made while loading (constants folded by onnxsim, BatchNorm folded into a
+    convolution) get generated names such as `_v_81` that map back to nothing in the user's
+    model: name each after the node that reads it (`<node>.weight`, `<node>.bias`)."""
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, i))
+    inputs = {v.name for v in graph.input}
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | \
+        inputs | {v.name for v in graph.output}
+    for init in graph.initializer:
+        if init.name in original or init.name in inputs or len(readers.get(init.name, [])) != 1:
+            continue
+        node, index = readers[init.name][0]
+        name = f"{node.name}.{_ROLES.get((node.op_type, index), f'input{index}')}"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        node.input[index], init.name = name, name
 
 
 def _first_line(err: BaseException) -> str:

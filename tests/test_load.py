@@ -129,3 +129,19 @@ def test_invalid_model_is_refused():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(QLimitError, match="invalid ONNX model"):
         load_model(model)
+
+
+def test_initializers_made_while_loading_are_named_after_their_reader():
+    """BatchNorm folding and onnxsim's constant folding make new initializers; their
+    generated names (`_v_81`) would map back to nothing in the user's model."""
+    from tests.conftest import MODELS
+
+    path = MODELS / "zoo_resnet.onnx"
+    original = {t.name for t in onnx.load(str(path)).graph.initializer}
+    model = load_model(path)
+    nodes = {n.name: n for n in model.graph.node}
+    new = [t.name for t in model.graph.initializer if t.name not in original]
+    assert new and not [n for n in new if n.startswith("_v_")]
+    for name in new:
+        node, role = name.rsplit(".", 1)
+        assert role in ("weight", "bias") and name in nodes[node].input
