@@ -327,11 +327,17 @@ class Detect(nn.Module):
             scale.append(np.full((1, h * w), s))
         return (torch.from_numpy(np.concatenate(a, 1).astype(np.float32)) for a in (points, scale))
 
-    def forward(self, feats):
+    def raw(self, feats):
+        """Head outputs before the decode, [B, 4*reg_max + nc, A] (bin and class logits;
+        what a training loss reads), and the (h, w) of each level."""
         # Python-int sizes and -1 for the batch: constant Reshape shapes, dynamic batch.
         sizes = [(int(f.shape[2]), int(f.shape[3])) for f in feats]
         x = torch.cat([torch.cat((bx(f), cl(f)), 1).reshape(-1, 4 * self.reg_max + self.nc, h * w)
                        for f, bx, cl, (h, w) in zip(feats, self.box, self.cls, sizes)], 2)
+        return x, sizes
+
+    def forward(self, feats):
+        x, sizes = self.raw(feats)
         anchors = sum(h * w for h, w in sizes)
         bins, logits = x.split((4 * self.reg_max, self.nc), 1)
         # [B, 4*R, A] -> [B, R, 4, A] so the bins are channels of the DFL conv.
@@ -376,7 +382,8 @@ class YoloV8(nn.Module):
             if isinstance(m, nn.Conv2d) and m is not self.detect.dfl:
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
 
-    def forward(self, x):
+    def features(self, x):
+        """The neck's three outputs at strides 8, 16, 32 (what the head reads)."""
         p3 = self.p3(self.p2(x))
         p4 = self.p4(p3)
         p5 = self.p5(p4)
@@ -384,7 +391,10 @@ class YoloV8(nn.Module):
         t3 = self.top3(torch.cat((self.up(t4), p3), 1))
         o4 = self.out4(torch.cat((self.down3(t3), t4), 1))
         o5 = self.out5(torch.cat((self.down4(o4), p5), 1))
-        return self.detect([t3, o4, o5])
+        return [t3, o4, o5]
+
+    def forward(self, x):
+        return self.detect(self.features(x))
 
 
 # ---------------------------------------------------------------------------- export

@@ -176,8 +176,9 @@ def cls_dataset(n: int = 200, seed: int = 0):
 DET_GEN = dict(size=(10, 40), ink=(0, 160), lines=(4, 12), noise=10.0)  # randint ranges (hi excl.)
 
 
-def _page(rng) -> tuple[np.ndarray, np.ndarray]:
-    """One 640x640 page: textured light background, 4-11 lines (10-39 px) kept apart; GT line boxes."""
+def _page(rng) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One 640x640 page: textured light background, 4-11 lines (10-39 px) kept apart; GT line
+    boxes and the text of each line."""
     S = DET_SIZE
     yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) / S
     base = rng.uniform(200, 250, 3)
@@ -189,7 +190,7 @@ def _page(rng) -> tuple[np.ndarray, np.ndarray]:
         bg += low[..., None] * rng.uniform(3, 10)
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
-    boxes, gt, tries = [], [], 0
+    boxes, gt, texts, tries = [], [], [], 0
     target = int(rng.integers(*DET_GEN["lines"]))
     while len(boxes) < target and tries < 200:
         tries += 1
@@ -215,8 +216,9 @@ def _page(rng) -> tuple[np.ndarray, np.ndarray]:
         m = 0.15 * size
         gt.append([ox - m, oy - y0 + min(y0, hy0) - m, ox + x1 - x0 + m, oy - y0 + max(y1, hy1) + m])
         boxes.append(b)
+        texts.append(text)
     a = np.asarray(img, np.float32) + rng.normal(0, rng.uniform(0, DET_GEN["noise"]), (S, S, 1))
-    return np.clip(a, 0, 255).astype(np.uint8), np.array(gt, np.float32).reshape(-1, 4)
+    return np.clip(a, 0, 255).astype(np.uint8), np.array(gt, np.float32).reshape(-1, 4), texts
 
 
 def det_dataset(n: int = 50, seed: int = 0):
@@ -225,10 +227,19 @@ def det_dataset(n: int = 50, seed: int = 0):
     rng = np.random.default_rng([seed, 3])
     xs, boxes = [], []
     for _ in range(n):
-        page, b = _page(rng)
+        page, b, _ = _page(rng)
         xs.append((page.transpose(2, 0, 1) / np.float32(255) - 0.5) / 0.5)
         boxes.append(b)
     return np.stack(xs).astype(np.float32), boxes
+
+
+def page_dataset(n: int = 30, seed: int = 0):
+    """Whole pages for the end-to-end pipeline: (uint8 [n,640,640,3] RGB, boxes as in
+    det_dataset, texts: per page the text of each GT line). The same (n, seed) draws the
+    same pages as det_dataset."""
+    rng = np.random.default_rng([seed, 3])
+    pages = [_page(rng) for _ in range(n)]
+    return np.stack([p[0] for p in pages]), [p[1] for p in pages], [p[2] for p in pages]
 
 
 def zoo_dataset(name: str, split: str = "val"):

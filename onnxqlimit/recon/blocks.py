@@ -27,6 +27,7 @@ block that opened it. We therefore cut where the *live set* is smallest.
 """
 from __future__ import annotations
 
+import os
 import statistics
 from dataclasses import dataclass
 from itertools import accumulate
@@ -225,7 +226,7 @@ def find_blocks(model: onnx.ModelProto, config: BlockConfig | None = None) -> li
     return [_make_block(i, start, stop, flow) for i, (start, stop) in enumerate(ranges)]
 
 
-def _short(name: str, width: int = 36) -> str:
+def _short(name: str, width: int = 60) -> str:
     """Long names keep their tail, where exporters put the telling part, cut at a '/' when there is one."""
     if len(name) <= width:
         return name
@@ -234,9 +235,15 @@ def _short(name: str, width: int = 36) -> str:
 
 
 def _names(names: list[str], shown: int = 3) -> str:
-    """'a, b, c, +4 more'."""
+    """'a, b, c, +4 more'; names under one path are written once as 'path/{a, b, c}', so
+    the part that tells blocks apart (features.4 vs features.5) is never cut."""
+    picked = names[:shown]
     more = [f"+{len(names) - shown} more"] if len(names) > shown else []
-    return ", ".join([_short(n) for n in names[:shown]] + more)
+    prefix = os.path.commonprefix(picked) if len(picked) > 1 else ""
+    prefix = prefix[: prefix.rfind("/") + 1]
+    if len(prefix) > 1:
+        return prefix + "{" + ", ".join([_short(n[len(prefix):]) for n in picked] + more) + "}"
+    return ", ".join([_short(n) for n in picked] + more)
 
 
 def _runs(counts: list[int]) -> str:
