@@ -286,7 +286,8 @@ def _eval(args: argparse.Namespace) -> int:
     if not args.labels and not args.reference:
         raise QLimitError("eval needs --labels KEY (accuracy) or --reference FP.onnx (agreement with a float model)")
     model = read_model(args.model)
-    feeds = conform(load_npz(args.data, [v.name for v in graph_inputs(model)]), model, f"{args.data}:")
+    names = [v.name for v in graph_inputs(model)]
+    feeds = conform(load_npz(args.data, names, (args.labels,) if args.labels else ()), model, f"{args.data}:")
     labels = None
     if args.labels:
         with np.load(args.data, allow_pickle=False) as data:

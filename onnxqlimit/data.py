@@ -30,8 +30,12 @@ def input_shape(value: onnx.ValueInfoProto) -> list[int | str]:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
 
 
-def load_npz(path: str | os.PathLike, input_names: list[str]) -> dict[str, np.ndarray]:
-    """Arrays for every model input from a .npz keyed by input name (extra keys ignored)."""
+LABEL_KEYS = ("label", "labels")  # arrays a data file may hold beside the model inputs
+
+
+def load_npz(path: str | os.PathLike, input_names: list[str], extra_ok: tuple[str, ...] = LABEL_KEYS) -> dict[str, np.ndarray]:
+    """Arrays for every model input from a .npz keyed by input name. Any other key is
+    refused (a misspelt input name would otherwise go unnoticed), except `extra_ok`."""
     path = Path(path)
     if not path.is_file():
         raise QLimitError(f"{path}: no such data file")
@@ -43,8 +47,14 @@ def load_npz(path: str | os.PathLike, input_names: list[str]) -> dict[str, np.nd
     missing = [n for n in input_names if n not in arrays]
     if missing:
         raise QLimitError(f"{path}: no array for model input(s) {', '.join(missing)} (file has: {', '.join(arrays) or 'nothing'})")
+    extra = [k for k in arrays if k not in input_names and k not in extra_ok]
+    if extra:
+        raise QLimitError(f"{path}: array(s) {', '.join(extra)} match no model input (inputs: {', '.join(input_names)}; "
+                          f"{'/'.join(extra_ok)} may sit beside them)")
     feeds = {n: arrays[n] for n in input_names}
     counts = {len(a) if a.ndim else 0 for a in feeds.values()}
+    if counts == {0}:
+        raise QLimitError(f"{path}: holds no samples (the first axis of every array counts samples)")
     if len(counts) != 1 or 0 in counts:
         raise QLimitError(f"{path}: inputs must share one leading sample dimension (got {sorted(counts)})")
     return feeds

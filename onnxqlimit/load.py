@@ -58,7 +58,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, config: LoadConfig |
         try:
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as err:
-            raise QLimitError(f"invalid ONNX model: {_first_line(err)}") from None
+            raise QLimitError(f"invalid ONNX model: {' '.join(str(err).split())[:300]}") from None
 
     model = _raise_opset(model, config.min_opset)
     constants_to_initializers(model.graph)

@@ -39,6 +39,9 @@ CASES = [
      "shape (4, 3, 64, 64) contradicts the model's [batch,3,32,32] at axis 2 (64 where the model fixes 32)"),
     ("image folder size", ["--preprocess", "size=224,224;mean=0,0,0;std=1,1,1"], lambda d: _folder(d),
      "(for an image folder, set --preprocess size=H,W to the model's)"),
+    ("extra array", [], lambda d: _npz2(d / "c.npz", input=_images(), inptu=_images()),
+     "array(s) inptu match no model input (inputs: input; label/labels may sit beside them)"),
+    ("zero samples", [], lambda d: _npz(d / "c.npz", _images(0)), "holds no samples"),
     ("--bits no match", ["--bits", "nomatch=4/4"], None, "--bits 'nomatch' matches no node name or output"),
     ("--exclude no match", ["--exclude", "Conv_99x"], None, "--exclude 'Conv_99x' matches no node name or output"),
     ("output under a file", ["-o", "{tmp}/ok.npz/q.onnx"], None, "cannot write there ("),
@@ -46,6 +49,11 @@ CASES = [
     ("bad --preprocess", ["--preprocess", "size=32,32;bogus=1"], None, "--preprocess: unknown or malformed item"),
     ("--wbits 1", ["--wbits", "1"], None, "wbits must be 2..8, got 1"),
 ]
+
+
+def _npz2(path, **arrays):
+    np.savez(path, **arrays)
+    return path
 
 
 def _folder(d):
@@ -86,3 +94,34 @@ def test_mirror_run_names_an_unknown_tensor():
     mirror = Mirror(load_model(MODEL))
     with pytest.raises(QLimitError, match="no tensor named 'conv1_out' in the model"):
         mirror.run({"input": _images(1)}, outputs=["conv1_out"])
+
+
+def test_a_nan_while_tuning_keeps_round_to_nearest_and_says_so(tmp_path, monkeypatch, caplog):
+    """A block whose tuning ends in NaN is put back to round to nearest, named in a warning,
+    and no NaN reaches the file."""
+    import onnx
+    from onnx import numpy_helper
+
+    import sys
+
+    from onnxqlimit.quantize import RunOptions, quantize
+
+    recon_module = sys.modules["onnxqlimit.recon.reconstruct"]  # the package re-exports a function of that name
+
+    original = recon_module.tune_block
+
+    def poisoned(runner, block, weights, tuned, config, bar):
+        stats = original(runner, block, weights, tuned, config, bar)
+        if block.index == 1:
+            for point in tuned:
+                if point.kind == "activation":
+                    runner.quantizers[point.tensor].scale.data.fill_(float("nan"))
+        return stats
+
+    monkeypatch.setattr(recon_module, "tune_block", poisoned)
+    out = tmp_path / "q.onnx"
+    report = quantize(MODEL, out, {"input": _images(16)}, options=RunOptions(iters=5, calib_size=16, progress=False)).report
+    assert "block 2 (nodes" in caplog.text and "the loss became nan while tuning" in caplog.text
+    assert report["reconstruction"]["blocks"][1]["kept_rtn"]
+    for init in onnx.load(str(out)).graph.initializer:
+        assert np.isfinite(numpy_helper.to_array(init).astype(np.float64)).all(), init.name

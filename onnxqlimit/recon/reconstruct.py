@@ -10,6 +10,8 @@ outputs become the next block's inputs. Only the current block runs, forward and
 """
 from __future__ import annotations
 
+import logging
+import math
 import resource
 import time
 from collections.abc import Mapping
@@ -34,6 +36,7 @@ from .tune import TuneStats, rtn_restorer, tune_block
 
 METHODS = ("rtn", "adaround", "brecq", "qdrop")
 LOSSES = ("mse", "fisher")
+log = logging.getLogger("onnxqlimit")
 FAST_ITERS, FAST_BATCH = 500, 8
 
 
@@ -240,6 +243,9 @@ def _reconstruct_block(runner: BlockRunner, block: Block, tuned: list[QuantPoint
 
     outputs, after = quantized_outputs()
     if stats is not None and not after <= before:  # also when tuning ended in NaN
+        if not math.isfinite(after):  # never shipped: the block goes back to its round-to-nearest state
+            log.warning("block %d (nodes %d-%d): the loss became %s while tuning; round to nearest kept for it",
+                        block.index + 1, block.start, block.stop - 1, after)
         restore()
         kept_rtn = True
         outputs, after = quantized_outputs()
