@@ -153,6 +153,10 @@ class Mirror(nn.Module):
             self._put(env, name, value.to(device))
         return env
 
+    def call(self, index: int, args: list) -> Any:
+        """Node `index`'s torch function on `args` (one per node input; None for an empty one)."""
+        return self._fns[index](*args)
+
     def execute(self, env: dict[str, torch.Tensor], node_range: Iterable[int] | None = None,
                 keep: Iterable[str] = ()) -> dict[str, torch.Tensor]:
         """Run nodes (all, or the given indices in order) over `env`, in place.

@@ -30,6 +30,7 @@ from .mixed.search import EvalData, MixedConfig, SearchResult, result_json, sear
 from .parity import check_integers, check_mirror, format_parity, ort_session
 from .quant.bits import BitPlan, plan_widths, read_plan_file
 from .quant.policy import QuantConfig, place
+from .quant.reach import last_layers
 from .recon import METHODS, PRESETS, ReconConfig, reconstruct
 from .recon.checkpoint import Checkpoints, run_key
 from .report import build_report
@@ -155,7 +156,8 @@ def _quantize(model, output_path, calibration, config: QuantConfig, options: Run
         loaded = smooth(loaded, act_max, config.smooth)
         mirror = Mirror(loaded).to(device)
 
-    points = place(loaded, config)
+    last = last_layers(mirror, feeds) if config.first_last_bits else None  # element by element (reach.py)
+    points = place(loaded, config, last)
     if not points:
         raise QLimitError("nothing to quantize: the model has no Conv/ConvTranspose/Gemm/MatMul with float weights")
     quantizers = attach_quantizers(mirror, points)

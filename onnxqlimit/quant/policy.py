@@ -109,15 +109,18 @@ def check_patterns(model: onnx.ModelProto, config: QuantConfig) -> None:
                               f"{'near' if near else 'names look like'}: {', '.join(examples)})")
 
 
-def place(model: onnx.ModelProto, config: QuantConfig) -> list[QuantPoint]:
-    """Where quantizers stand and their default widths (BitPlan.of(points) is the default plan)."""
+def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = None) -> list[QuantPoint]:
+    """Where quantizers stand and their default widths (BitPlan.of(points) is the default plan).
+    `last`: the last compute layers when known element by element (reach.last_layers);
+    by default they are read off the graph's tensors."""
     check_patterns(model, config)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
     float_acts = _float_tensors(model)
     compute = [n for n in graph.node if n.op_type in COMPUTE_OPS and not _matches(config.exclude, n)]
-    first, last = _first_and_last(graph)
+    first, graph_last = _first_and_last(graph)
+    last = graph_last if last is None else last
 
     def bits_for(node) -> tuple[int, int, bool]:
         wbits, abits, fixed = config.wbits, config.abits, False

@@ -1,0 +1,76 @@
+"""Which compute layers are "last": their output reaches no other compute layer.
+
+The graph alone cannot tell when a decode concatenates several heads and splits them
+apart again (YOLOv8: box bins and class logits are concatenated, then split; the bins go
+to the DFL convolution, the logits straight to the output). By tensors, every head then
+lies upstream of the DFL convolution and none is last, so the class logits fell to the
+narrowest width, where they broke first. This module follows elements instead: one
+forward pass of the mirror in which every compute layer is a gradient barrier whose
+output is a leaf, and one backward pass from a random projection of every compute
+layer's input. A layer whose output gets no gradient reaches no compute layer.
+
+A gradient can also be zero because of the values (a saturated HardSigmoid gate, a dead
+ReLU), so the element test only decides for layers whose every path to a compute layer
+goes through an op that selects elements (Split, Slice, Gather); every other layer keeps
+the graph's answer.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from ..mirror import Mirror
+from .policy import COMPUTE_OPS
+
+SELECTING_OPS = ("Split", "Slice", "Gather", "GatherElements", "GatherND")
+
+
+def last_layers(mirror: Mirror, feeds: Mapping[str, np.ndarray], seed: int = 0) -> set[str]:
+    """Names of the compute nodes none of whose output elements reach another compute node,
+    found on one sample of `feeds`."""
+    generator = torch.Generator().manual_seed(seed)
+    env = mirror.initial_env({k: np.asarray(v)[:1] for k, v in feeds.items()})
+    leaves: dict[str, torch.Tensor] = {}
+    probes: list[torch.Tensor] = []
+    with torch.enable_grad():
+        for index, node in enumerate(mirror.nodes):
+            args = [env[name] if name else None for name in node.inputs]
+            compute = node.op_type in COMPUTE_OPS
+            if compute:  # what reaches this layer: projected on fixed random weights (a plain sum
+                for a in args:  # would give softmax outputs a zero gradient)
+                    if isinstance(a, torch.Tensor) and a.requires_grad:
+                        weight = torch.randn(a.shape, generator=generator).to(a.device, a.dtype)
+                        probes.append((a * weight).sum())
+                with torch.no_grad():
+                    result = mirror.call(index, args)
+            else:
+                result = mirror.call(index, args)
+            results = list(result) if isinstance(result, (tuple, list)) else [result]
+            if compute and isinstance(results[0], torch.Tensor) and results[0].is_floating_point():
+                results[0] = results[0].detach().requires_grad_(True)
+                leaves[node.name] = results[0]
+            for name, value in zip(node.outputs, results):
+                if name:
+                    env[name] = value
+        if not probes or not leaves:
+            return set(leaves)
+        grads = torch.autograd.grad(torch.stack(probes).sum(), list(leaves.values()), allow_unused=True)
+    unreached = {name for name, g in zip(leaves, grads) if g is None or not bool(g.ne(0).any())}
+    return unreached - _reach_compute_unselected(mirror)
+
+
+def _reach_compute_unselected(mirror: Mirror) -> set[str]:
+    """Compute nodes with a path to another compute node that no selecting op interrupts."""
+    reaches: dict[str, bool] = {}  # tensor -> such a path starts here
+    found = set()
+    for node in reversed(mirror.nodes):
+        downstream = any(reaches.get(t, False) for t in node.outputs if t)
+        if node.op_type in COMPUTE_OPS and downstream:
+            found.add(node.name)
+        carries = node.op_type in COMPUTE_OPS or (downstream and node.op_type not in SELECTING_OPS)
+        for t in node.inputs:
+            if t:
+                reaches[t] = reaches.get(t, False) or carries
+    return found
