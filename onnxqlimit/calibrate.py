@@ -13,9 +13,9 @@ from typing import Iterable, Mapping
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .mirror import Mirror
+from .progress import progress_bar
 from .quant.fake_quant import FakeQuantize
 from .quant.observers import RangeObserver, weight_qparams
 from .quant.policy import QuantConfig, QuantPoint
@@ -80,7 +80,7 @@ def calibrate(mirror: Mirror, points: list[QuantPoint], quantizers: Mapping[str,
         mirror.set_hook(name, _Observe(observer))
     try:
         with torch.no_grad():
-            for batch in tqdm(list(batches), desc="calibrating", unit="batch", disable=not progress, leave=False):
+            for batch in progress_bar(progress, list(batches), desc="calibrating", unit="batch", leave=False):
                 mirror.run(batch)
     finally:
         for name in observers:

@@ -37,6 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from onnxqlimit.quant.policy import QuantConfig  # noqa: E402
 from onnxqlimit.quantize import RunOptions, quantize  # noqa: E402
+from onnxqlimit.recon import ReconConfig  # noqa: E402
 
 NAMES = ("input_ids", "attention_mask", "token_type_ids")
 SEQ = 64  # calibration / evaluation length; the exported graph takes any length
@@ -204,6 +205,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smooth", type=float, help="SmoothQuant alpha (QuantConfig.smooth)")
     ap.add_argument("--quantize-attention", action="store_true")
     ap.add_argument("--quantize-add", action="store_true")
+    ap.add_argument("--granularity", default="block", help="reconstruction unit (block: attention / FFN sub-layers)")
+    ap.add_argument("--block-layers", type=int, default=6, help="with --granularity stage 2: one encoder layer per block")
     ap.add_argument("--keep", help="folder to keep the exported and quantized files in")
     args = ap.parse_args(argv)
 
@@ -227,7 +230,9 @@ def main(argv=None) -> int:
                                      quantize_act_matmul=args.quantize_attention, quantize_add=args.quantize_add,
                                      smooth=args.smooth)
                 started = time.perf_counter()
-                quantize(src, out, calib, config, RunOptions(method=args.method, iters=args.iters, progress=False))
+                recon = ReconConfig(granularity=args.granularity, max_layers=args.block_layers)
+                quantize(src, out, calib, config, RunOptions(method=args.method, iters=args.iters, progress=False,
+                                                             recon=recon))
                 rows.append((args.method, emb_bits or "float", out, time.perf_counter() - started))
             if args.ort and wbits in (4, 8) and abits in (4, 8):
                 from tools.ort_baseline import quantize_with_ort

@@ -31,10 +31,10 @@ from typing import Mapping
 import numpy as np
 import onnx
 import torch
-from tqdm import tqdm
 
 from ..recon.blocks import Block, BlockConfig, find_blocks
 from ..calibrate import set_enabled
+from ..progress import progress_bar
 from ..errors import QLimitError
 from ..recon.fisher import GradTap, sampled_nll
 from ..mirror import Mirror
@@ -155,7 +155,7 @@ def measure(mirror: Mirror, model: onnx.ModelProto, state: QuantState, feeds: Ma
     runner = _BlockLoss(mirror, state, samples, on_entry)
     table = SensitivityTable(choices, {p.tensor: b for b, pts in owners.items() for p in pts}, {},
                              [[] for _ in blocks], samples.count)
-    bar = tqdm(total=len(blocks), desc="sensitivity", unit="block", disable=not progress, leave=False)
+    bar = progress_bar(progress, total=len(blocks), desc="sensitivity", unit="block", leave=False)
     try:
         for block in blocks:
             owned = owners.get(block.index, [])

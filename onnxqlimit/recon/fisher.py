@@ -13,11 +13,11 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .block_cache import TensorCache
 from ..calibrate import set_enabled
 from ..mirror import Mirror
+from ..progress import progress_bar
 from ..quant.fake_quant import FakeQuantize
 
 
@@ -84,7 +84,7 @@ def fisher_weights(mirror: Mirror, quantizers: Mapping[str, FakeQuantize], batch
     try:
         for name, hook in originals.items():
             mirror.set_hook(name, GradTap(hook, store, name))
-        for batch in tqdm(batches, desc="fisher", unit="batch", disable=not progress, leave=False):
+        for batch in progress_bar(progress, batches, desc="fisher", unit="batch", leave=False):
             set_enabled(quantizers, False)
             with torch.no_grad():
                 reference = mirror.run(batch)

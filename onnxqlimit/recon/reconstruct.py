@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ..calibrate import set_enabled
 from ..errors import QLimitError
 from ..mirror import Mirror
+from ..progress import progress_bar
 from ..quant.fake_quant import compile_kernel, reset_masks
 from ..quant.policy import QuantPoint
 from ..state import QuantState
@@ -179,7 +180,7 @@ def reconstruct(mirror: Mirror, model, state: QuantState, feeds: Mapping[str, np
     owners, run.on_entry = quantizer_owners(mirror, blocks, points)
     last_reader = {t: b.index for b in blocks for t in b.inputs + b.context}
     total_iters = config.iters * sum(1 for b in blocks if owners.get(b.index)) if config.method != "rtn" else 0
-    bar = tqdm(total=total_iters, desc="reconstructing", unit="it", disable=not config.progress or not total_iters)
+    bar = progress_bar(config.progress and total_iters > 0, total=total_iters, desc="reconstructing", unit="it")
     for name in run.on_entry:  # applied by entry_env instead of where the tensor is produced
         mirror.set_hook(name, None)
     try:
