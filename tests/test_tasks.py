@@ -137,3 +137,37 @@ def test_ort_baseline(tmp_path):
     data = (data[0][:500], data[1][:500])
     f = tasks.evaluate(tasks.model_path("zoo_resnet"), "zoo", data)["top1"]
     assert tasks.evaluate(q, "zoo", data)["top1"] >= f - 0.03
+
+
+def test_pipeline_text_accuracy_counts_misses_and_extras():
+    from tools.ocr_pipeline import text_accuracy
+
+    gt_boxes = [np.array([[0, 0, 100, 20], [0, 40, 100, 60]], np.float32)]
+    texts = [["hello world", "abc"]]  # 10 + 3 characters, spaces ignored
+    exact = [[(np.array([1, 1, 99, 19], np.float32), "hello world"), (np.array([0, 41, 100, 61], np.float32), "abc")]]
+    assert text_accuracy(exact, gt_boxes, texts) == {"char_acc": 1.0, "line_acc": 1.0}
+    one_typo_one_missed = [[(np.array([1, 1, 99, 19], np.float32), "hellO world")]]
+    assert text_accuracy(one_typo_one_missed, gt_boxes, texts)["char_acc"] == pytest.approx(1 - (1 + 3) / 13)
+    extra = exact[0] + [(np.array([200, 200, 260, 220], np.float32), "noise")]
+    assert text_accuracy([extra], gt_boxes, texts)["char_acc"] == pytest.approx(1 - 5 / 13)
+
+
+def test_page_dataset_draws_det_dataset_pages_with_their_text():
+    pages, boxes, texts = tasks.page_dataset(2, seed=5)
+    x, det_boxes = tasks.det_dataset(2, seed=5)
+    np.testing.assert_array_equal((pages.transpose(0, 3, 1, 2) / np.float32(255) - 0.5) / 0.5, x)
+    assert all(len(b) == len(t) == len(d) for b, t, d in zip(boxes, texts, det_boxes))
+    assert all(t.strip() and set(t) <= set(tasks.rec_characters()) for page in texts for t in page)
+
+
+def test_detector_metrics_on_hand_made_boxes():
+    from tools.detector import f1, map50
+
+    gt = [np.array([[0, 10, 10, 50, 50], [1, 60, 60, 90, 90]], np.float32)]
+    perfect = [np.array([[0, 0.9, 10, 10, 50, 50], [1, 0.8, 60, 60, 90, 90]], np.float32)]
+    assert map50(perfect, gt) == pytest.approx(1.0)
+    wrong_class = [np.array([[1, 0.9, 10, 10, 50, 50], [1, 0.8, 60, 60, 90, 90]], np.float32)]
+    assert f1(wrong_class, perfect) == pytest.approx(0.5)  # one of two matches
+    shifted = [np.array([[0, 0.9, 30, 30, 70, 70]], np.float32)]  # IoU 1/7 with the first box
+    assert f1(shifted, perfect) == 0.0
+    assert map50(wrong_class, gt) == pytest.approx(0.25)  # class 0 never found; class 1 at precision 1/2
