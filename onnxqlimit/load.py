@@ -21,7 +21,7 @@ from .graph import consumers, topological_sort
 
 log = logging.getLogger("onnxqlimit")
 
-_TWO_GB = 2**31 - 1
+TWO_GB = 2**31 - 1  # protobuf's limit on one serialised message
 
 
 @dataclass
@@ -47,13 +47,24 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         raise QLimitError(f"{path}: not a readable ONNX model ({_first_line(err)})") from None
 
 
+def uses_external_data(source) -> bool:
+    """Whether a model file keeps (some of) its tensors in external data files."""
+    if isinstance(source, onnx.ModelProto):
+        return False
+    try:
+        model = onnx.load(str(source), load_external_data=False)
+    except Exception:  # noqa: BLE001 - read_model reports unreadable files
+        return False
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
 def load_model(source: str | os.PathLike | onnx.ModelProto, config: LoadConfig | None = None) -> onnx.ModelProto:
     config = config or LoadConfig()
     model = read_model(source)
     metadata = [(p.key, p.value) for p in model.metadata_props]
     original_initializers = {t.name for t in model.graph.initializer}
     topological_sort(model.graph)
-    large = model.ByteSize() > _TWO_GB
+    large = model.ByteSize() > TWO_GB
     if not large:  # the checker cannot serialise >2 GB protos in memory
         try:
             onnx.checker.check_model(model)

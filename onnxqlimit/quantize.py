@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -22,7 +23,7 @@ from .errors import QLimitError
 from .evaluate import compare
 from .evaluate import run as run_model
 from .export import export_qdq, required_opset
-from .load import LoadConfig, load_model, read_model
+from .load import TWO_GB, LoadConfig, load_model, read_model, uses_external_data
 from .mirror import Mirror
 from .mixed.costs import CostModel, file_costs
 from .mixed.metric import relative_score
@@ -205,7 +206,7 @@ def _quantize(model, output_path, calibration, config: QuantConfig, options: Run
     if over:  # the search guarantees the budgets: reaching here is a bug, never a shipped file
         raise RuntimeError(f"exported file exceeds its budget: {', '.join(f'{n} {costs[n]:.6g} > {budgets[n]:.6g}' for n in over)}")
     output_path = Path(output_path)
-    save_atomically(qmodel, output_path)
+    save_atomically(qmodel, output_path, external_data=uses_external_data(model))
     if checkpoints is not None:
         checkpoints.finish()
     if options.save_plan:
@@ -283,22 +284,32 @@ def _check_output(model, output: Path, overwrite: bool) -> None:
         raise QLimitError(f"{output}: the output is the input model; write elsewhere or pass --overwrite")
 
 
-def save_atomically(model: onnx.ModelProto, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: never a half-written model.
+def save_atomically(model: onnx.ModelProto, path: Path, external_data: bool = False) -> None:
+    """Write to a temporary name beside `path`, then rename: never a half-written model.
     The file gets the permissions of an ordinary new file (0666 less the umask), not
-    mkstemp's private 0600, so a model server running as another user can read it."""
+    mkstemp's private 0600, so a model server running as another user can read it.
+    With `external_data` (the input model kept its weights in a data file, or the model is
+    over protobuf's 2 GB) the weights go to `<name>.data` beside it, written first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        umask = os.umask(0)
-        os.umask(umask)
+        tmp = tmp_dir / path.name
+        if external_data or model.ByteSize() > TWO_GB:
+            data = f"{path.name}.data"
+            external = onnx.ModelProto()  # onnx.save would turn the caller's tensors into file references
+            external.CopyFrom(model)
+            onnx.save(external, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+                      size_threshold=1024)
+            os.chmod(tmp_dir / data, 0o666 & ~umask)
+            os.replace(tmp_dir / data, path.parent / data)
+        else:
+            onnx.save(model, str(tmp))
         os.chmod(tmp, 0o666 & ~umask)
-        onnx.save(model, tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def write_report(report: dict, path) -> None:

@@ -249,3 +249,20 @@ def test_a_nan_in_the_calibration_data_is_named_before_calibration(tmp_path, cap
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert f"calibration input '{name}' holds NaN or Inf (first at sample 3, index (3, 0, 1, 2))" in err
     assert not out.exists()
+
+
+def test_external_data_in_external_data_out(tmp_path):
+    """A model whose weights sit in a data file is read whole and written the same way."""
+    src = tmp_path / "in" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save(onnx.load(str(MODELS / "zoo_resnet.onnx")), str(src), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+    out = tmp_path / "out" / "q.onnx"
+    assert main(["quantize", str(src), "-o", str(out), "--calib", zoo_calib("zoo_resnet"), "--method", "rtn",
+                 "--quiet"]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["q.onnx", "q.onnx.data"]  # no temporary left
+    assert (out.parent / "q.onnx.data").stat().st_size > 2 * out.stat().st_size  # the weights are in the data file
+    x = np.load(zoo_calib("zoo_resnet"))["input"][:4]
+    got = ort_session(str(out)).run(None, {"input": x})[0]
+    ref = ort_session(str(src)).run(None, {"input": x})[0]
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.75
