@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto", help="auto | cpu | cuda")
     q.add_argument("--threads", type=_positive, help="torch CPU threads (default: OMP_NUM_THREADS if set, else every core)")
     q.add_argument("--report", help="write a JSON report (per-node bits, scales, SQNR; sizes; parity)")
+    q.add_argument("--plot", metavar="P.png", help="per-layer widths and output SQNR as a picture (needs matplotlib)")
     q.add_argument("--first-last-bits", default="8", help="bits of the first and last compute layers: 8 (default) or 'same'")
     q.add_argument("--embedding-bits", type=int, default=8,
                    help="bits of tables read by Gather (embeddings), weight-only per row; 0 leaves them float (default 8)")
@@ -273,6 +274,11 @@ def _quantize(args: argparse.Namespace) -> int:
     if args.report:
         write_report(r, args.report)
         print(f"report: {args.report}")
+    if args.plot:
+        from .plot import plot_layers
+
+        plot_layers(r, args.plot)
+        print(f"plot: {args.plot}")
     return 0
 
 

@@ -49,3 +49,11 @@ def test_eval_needs_labels_or_a_reference(tmp_path, capsys):
     assert "eval needs --labels KEY" in capsys.readouterr().err
     assert main(["eval", str(MODEL), "--data", str(VAL), "--labels", "nope"]) == 2
     assert "no array 'nope' for --labels (file has: input, label)" in capsys.readouterr().err
+
+
+def test_plot_writes_a_png_of_widths_and_sqnr(tmp_path, capsys):
+    png = tmp_path / "p.png"
+    assert main(["quantize", str(MODEL), "-o", str(tmp_path / "q.onnx"), "--calib", str(CALIB), "--method", "rtn",
+                 "--wbits", "4", "--quiet", "--plot", str(png)]) == 0
+    assert f"plot: {png}" in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
