@@ -44,7 +44,11 @@ def test_zoo_parity_at_every_width(tmp_path, name, wbits, abits):
     expected = {2: TensorProto.INT2, 3: TensorProto.INT4, 4: TensorProto.INT4, 8: TensorProto.INT8}[wbits]
     types = set(weight_types(out).values())
     assert expected in types  # inner layers at the asked width; first/last stay 8-bit
-    assert result.report["size_bytes"]["ratio"] < (0.35 if wbits == 8 else 0.25)
+    # Sizes are whole files: on these 0.3 MB nets the tensor names (weights are named after
+    # their node since issue 12, e.g. /features/features.4/conv/conv.0/conv.0.0/Conv.weight)
+    # take ~4% of the file; the weights alone are a quarter / an eighth of float.
+    assert result.report["size_bytes"]["ratio"] < (0.37 if wbits == 8 else 0.28)
+    assert result.report["costs"]["size_bytes"] < (0.26 if wbits == 8 else 0.2) * result.report["size_bytes"]["float"]
 
 
 def test_three_bit_weights_use_only_eight_levels(tmp_path):
