@@ -161,8 +161,8 @@ def quantize_models(sources: dict[str, Path], calib: dict, config: str, out: Pat
         if mixed:  # the budget: this model's uniform WxAy BitOps, measured on an RTN file
             rtn = quantize(sources[name], out / f"{name}_{config}_rtn.onnx", calib[name], qconfig,
                            RunOptions(method="rtn", progress=False, threads=args.threads)).report
-            target = rtn["costs"]["bitops"]
-            options.mixed = MixedConfig(Targets(bitops=target),
+            budget = rtn["costs"]["bitops"]
+            options.mixed = MixedConfig(Targets(bitops=budget),
                                         SensitivityConfig(wbits_choices=WCHOICES, abits_choices=ACHOICES),
                                         work_dir=out / "mixed" / name)
             qconfig = QuantConfig()
