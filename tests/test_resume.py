@@ -48,8 +48,11 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path):
 
 def test_ctrl_c_says_how_to_resume(tmp_path):
     work = tmp_path / "w"
+    # A shell's background jobs start with SIGINT ignored, and Python then keeps ignoring it:
+    # give the child the default disposition, as a terminal would.
     proc = subprocess.Popen(_command(tmp_path / "q.onnx", work), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not list(work.glob("run-*/block-0001.pt")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
