@@ -125,3 +125,50 @@ def test_a_nan_while_tuning_keeps_round_to_nearest_and_says_so(tmp_path, monkeyp
     assert report["reconstruction"]["blocks"][1]["kept_rtn"]
     for init in onnx.load(str(out)).graph.initializer:
         assert np.isfinite(numpy_helper.to_array(init).astype(np.float64)).all(), init.name
+
+
+def _truncated(d):
+    path = d / "m.onnx"
+    path.write_bytes(MODEL.read_bytes()[:5000])
+    return path
+
+
+def _invalid(d):
+    import onnx
+
+    model = onnx.load(str(MODEL))
+    model.graph.node[0].input[0] = "nowhere"  # reads a tensor nothing produces
+    path = d / "m.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _unsupported(d):
+    import onnx
+
+    from tests.onnx_builders import if_model
+
+    path = d / "m.onnx"
+    onnx.save(if_model(), str(path))
+    return path
+
+
+MODEL_CASES = [
+    ("missing", lambda d: d / "none.onnx", "no such model file"),
+    ("truncated", _truncated, "not a readable ONNX model"),
+    ("invalid graph", _invalid, "invalid ONNX model: Nodes in a graph must be topologically sorted, however input "
+                                "'nowhere' of node: name: "),
+    ("unsupported ops", _unsupported, "model cannot be mirrored - unsupported ops: If (1 node)"),
+]
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=[c[0] for c in MODEL_CASES])
+def test_bad_model_files_refused_in_one_line(case, tmp_path, capsys):
+    _, build, message = case
+    src = build(tmp_path)
+    before = src.read_bytes() if src.exists() else None
+    out = tmp_path / "q.onnx"
+    code = main(["quantize", str(src), "-o", str(out), "--calib", str(_npz(tmp_path / "c.npz", _images())), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and (src.read_bytes() if src.exists() else None) == before
