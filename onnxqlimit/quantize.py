@@ -157,7 +157,8 @@ def _quantize(model, output_path, calibration, config: QuantConfig, options: Run
         loaded = smooth(loaded, act_max, config.smooth)
         mirror = Mirror(loaded).to(device)
 
-    last = last_layers(mirror, feeds) if config.first_last_bits else None  # element by element (reach.py)
+    # The last layers, element by element (reach.py), on one sample (or the model's fixed batch).
+    last = last_layers(mirror, next(batches(feeds, fixed_batch_size(loaded) or 1))) if config.first_last_bits else None
     points = place(loaded, config, last)
     if not points:
         raise QLimitError("nothing to quantize: the model has no Conv/ConvTranspose/Gemm/MatMul with float weights")

@@ -53,7 +53,7 @@ def test_graph_has_the_yolov8_ops(yolo):
 def test_placement_quantizes_compute_inputs_only_and_keeps_the_head_at_8_bits(yolo):
     model = load_model(yolo)
     producers = _producers(model)
-    last = last_layers(Mirror(model), {"images": _images(1, 0)})
+    last = last_layers(Mirror(model), {"images": _images(1, 0)})  # one sample
     assert place(model, QuantConfig(wbits=4, abits=4)) != place(model, QuantConfig(wbits=4, abits=4), last)
     points = place(model, QuantConfig(wbits=4, abits=4), last)
     acts = {p.tensor: p for p in points if p.kind == "activation"}

@@ -27,11 +27,11 @@ from .policy import COMPUTE_OPS
 SELECTING_OPS = ("Split", "Slice", "Gather", "GatherElements", "GatherND")
 
 
-def last_layers(mirror: Mirror, feeds: Mapping[str, np.ndarray], seed: int = 0) -> set[str]:
+def last_layers(mirror: Mirror, batch: Mapping[str, np.ndarray], seed: int = 0) -> set[str]:
     """Names of the compute nodes none of whose output elements reach another compute node,
-    found on one sample of `feeds`."""
+    found on one `batch` of inputs (one sample will do, unless the model fixes its batch)."""
     generator = torch.Generator().manual_seed(seed)
-    env = mirror.initial_env({k: np.asarray(v)[:1] for k, v in feeds.items()})
+    env = mirror.initial_env(batch)
     leaves: dict[str, torch.Tensor] = {}
     probes: list[torch.Tensor] = []
     with torch.enable_grad():
