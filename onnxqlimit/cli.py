@@ -265,9 +265,10 @@ def _quantize(args: argparse.Namespace) -> int:
     print(f"size: {sizes['float'] / 1e6:.2f} MB -> {sizes['quantized'] / 1e6:.2f} MB ({sizes['ratio']:.1%}); "
           f"time {r['seconds']:.1f} s")
     q = r["quality"]
-    print(f"quality, float model vs this file in onnxruntime on {q['samples']} "
-          f"{'held-back samples' if q['held_back'] else 'calibration samples (none held back)'}: "
-          + format_quality([OutputQuality(**o) for o in q["outputs"]]))
+    if q is not None:
+        print(f"quality, float model vs this file in onnxruntime on {q['samples']} "
+              f"{'held-back samples' if q['held_back'] else 'calibration samples (none held back)'}: "
+              + format_quality([OutputQuality(**o) for o in q["outputs"]]))
     print("parity, this file vs the tuned mirror (what was optimised is what ships; not a quality measure): "
           + "; ".join(f"{p['output']} {p['within_one_step']:.2%} of values within one quantization step"
                       for p in r["parity"]))

@@ -218,8 +218,12 @@ def _quantize(model, output_path, calibration, config: QuantConfig, options: Run
                                    "recon": asdict(recon)}, time.perf_counter() - started)
     report["integer_parity"] = asdict(flips)
     held = len(next(iter(held_back.values())))
-    report["quality"] = {**_quality(original, qmodel, held_back if held else parity_feeds, batch_size),
-                         "held_back": bool(held)}
+    try:  # the file is written: a float model onnxruntime cannot run costs this line, not the run
+        report["quality"] = {**_quality(original, qmodel, held_back if held else parity_feeds, batch_size),
+                             "held_back": bool(held)}
+    except Exception as err:  # noqa: BLE001
+        log.warning("quality not measured: %s", str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+        report["quality"] = None
     report["threads"] = torch.get_num_threads() if device.type == "cpu" else None
     report["reconstruction"] = asdict(tuning) if tuning is not None else None
     report["costs"] = costs

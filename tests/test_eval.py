@@ -57,3 +57,16 @@ def test_plot_writes_a_png_of_widths_and_sqnr(tmp_path, capsys):
                  "--wbits", "4", "--quiet", "--plot", str(png)]) == 0
     assert f"plot: {png}" in capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_a_quality_measurement_that_fails_costs_its_line_not_the_run(tmp_path, capsys, monkeypatch, caplog):
+    import onnxqlimit.quantize as quantize_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("onnxruntime cannot run the float model")
+
+    monkeypatch.setattr(quantize_module, "_quality", broken)
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(MODEL), "-o", str(out), "--calib", str(CALIB), "--method", "rtn", "--quiet"]) == 0
+    assert out.exists() and "quality, float model" not in capsys.readouterr().out
+    assert "quality not measured: onnxruntime cannot run the float model" in caplog.text
