@@ -294,19 +294,14 @@ def _eval(args: argparse.Namespace) -> int:
         raise QLimitError("eval needs --labels KEY (accuracy) or --reference FP.onnx (agreement with a float model)")
     model = read_model(args.model)
     names = [v.name for v in graph_inputs(model)]
-    labels = None
-    if args.labels:
-        try:
-            with np.load(args.data, allow_pickle=False) as data:
-                files = data.files
-                labels = np.asarray(data[args.labels]) if args.labels in files else None
-        except Exception:  # noqa: BLE001 - load_npz below names a missing or unreadable file
-            files = None
-        if files is not None and labels is None:
-            raise QLimitError(f"{args.data}: no array {args.labels!r} for --labels (file has: {', '.join(files)})")
     feeds = conform(load_npz(args.data, names, LABEL_KEYS + ((args.labels,) if args.labels else ())), model,
                     f"{args.data}:")
-    if labels is not None:
+    labels = None
+    if args.labels:  # load_npz read the file: it exists and is a readable .npz
+        with np.load(args.data, allow_pickle=False) as data:
+            if args.labels not in data.files:
+                raise QLimitError(f"{args.data}: no array {args.labels!r} for --labels (file has: {', '.join(data.files)})")
+            labels = np.asarray(data[args.labels])
         if len(labels) != len(next(iter(feeds.values()))):
             raise QLimitError(f"{args.data}: {args.labels!r} must hold one label per sample")
     outputs = run(model, feeds, args.batch_size)

@@ -112,17 +112,15 @@ def _name_new_initializers(graph: onnx.GraphProto, original: set[str]) -> None:
     """Initializers made while loading (constants folded by onnxsim, BatchNorm folded into a
     convolution) get generated names such as `_v_81` that map back to nothing in the user's
     model: name each after the node that reads it (`<node>.weight`, `<node>.bias`)."""
-    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            readers.setdefault(name, []).append((node, i))
+    readers = consumers(graph)
     inputs = {v.name for v in graph.input}
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | \
         inputs | {v.name for v in graph.output}
     for init in graph.initializer:
         if init.name in original or init.name in inputs or len(readers.get(init.name, [])) != 1:
             continue
-        node, index = readers[init.name][0]
+        node = readers[init.name][0]  # one reader, reading it once
+        index = list(node.input).index(init.name)
         name = f"{node.name}.{_ROLES.get((node.op_type, index), f'input{index}')}"
         while name in taken:
             name += "_"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import onnx
 
@@ -222,12 +223,23 @@ def _first_and_last(graph: onnx.GraphProto) -> tuple[set[str], set[str]]:
             first.add(node.name)
         for out in node.output:
             after_compute[out] = upstream or node.op_type in COMPUTE_OPS
-    before_compute: dict[str, bool] = {}  # tensor -> some compute node lies downstream
-    last = set()
-    for node in reversed(graph.node):
-        downstream = any(before_compute.get(t, False) for t in node.output)
-        if node.op_type in COMPUTE_OPS and not downstream:
-            last.add(node.name)
-        for t in node.input:
-            before_compute[t] = before_compute.get(t, False) or downstream or node.op_type in COMPUTE_OPS
+    nodes = [(n.name, n.op_type, n.input, n.output) for n in graph.node]
+    last = {n.name for n in graph.node if n.op_type in COMPUTE_OPS} - feeding_compute(nodes)
     return first, last
+
+
+def feeding_compute(nodes: Sequence[tuple[str, str, Sequence[str], Sequence[str]]],
+                    stop_ops: tuple[str, ...] = ()) -> set[str]:
+    """Compute nodes with a path to another compute node that no op in `stop_ops` interrupts.
+    `nodes`: (name, op_type, inputs, outputs) in graph order (ONNX or mirror nodes)."""
+    reaches: dict[str, bool] = {}  # tensor -> such a path starts here
+    found = set()
+    for name, op_type, inputs, outputs in reversed(nodes):
+        downstream = any(reaches.get(t, False) for t in outputs if t)
+        if op_type in COMPUTE_OPS and downstream:
+            found.add(name)
+        carries = op_type in COMPUTE_OPS or (downstream and op_type not in stop_ops)
+        for t in inputs:
+            if t:
+                reaches[t] = reaches.get(t, False) or carries
+    return found

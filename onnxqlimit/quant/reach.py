@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..mirror import Mirror
-from .policy import COMPUTE_OPS
+from .policy import COMPUTE_OPS, feeding_compute
 
 SELECTING_OPS = ("Split", "Slice", "Gather", "GatherElements", "GatherND")
 
@@ -58,19 +58,5 @@ def last_layers(mirror: Mirror, batch: Mapping[str, np.ndarray], seed: int = 0) 
             return set(leaves)
         grads = torch.autograd.grad(torch.stack(probes).sum(), list(leaves.values()), allow_unused=True)
     unreached = {name for name, g in zip(leaves, grads) if g is None or not bool(g.ne(0).any())}
-    return unreached - _reach_compute_unselected(mirror)
-
-
-def _reach_compute_unselected(mirror: Mirror) -> set[str]:
-    """Compute nodes with a path to another compute node that no selecting op interrupts."""
-    reaches: dict[str, bool] = {}  # tensor -> such a path starts here
-    found = set()
-    for node in reversed(mirror.nodes):
-        downstream = any(reaches.get(t, False) for t in node.outputs if t)
-        if node.op_type in COMPUTE_OPS and downstream:
-            found.add(node.name)
-        carries = node.op_type in COMPUTE_OPS or (downstream and node.op_type not in SELECTING_OPS)
-        for t in node.inputs:
-            if t:
-                reaches[t] = reaches.get(t, False) or carries
-    return found
+    nodes = [(n.name, n.op_type, n.inputs, n.outputs) for n in mirror.nodes]
+    return unreached - feeding_compute(nodes, SELECTING_OPS)
