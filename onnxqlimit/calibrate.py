@@ -73,9 +73,9 @@ def calibrate(mirror: Mirror, points: list[QuantPoint], quantizers: Mapping[str,
     acts = [p for p in points if p.kind == "activation"]
     observers = {p.tensor: RangeObserver(seed=i) for i, p in enumerate(acts)}
     calibration = Calibration(mirror, observers, config)
-    for point in points:
-        if point.kind == "weight":
-            quantizers[point.tensor].set_qparams(*calibration.qparams(point, point.spec.bits))
+    weights = [p for p in points if p.kind == "weight"]  # the range search takes minutes on a model of GBs
+    for point in progress_bar(progress, weights, desc="weight ranges", unit="weight", leave=False):
+        quantizers[point.tensor].set_qparams(*calibration.qparams(point, point.spec.bits))
     for name, observer in observers.items():
         mirror.set_hook(name, _Observe(observer))
     try:

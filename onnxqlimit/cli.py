@@ -266,7 +266,7 @@ def _quantize(args: argparse.Namespace) -> int:
           f"time {r['seconds']:.1f} s")
     q = r["quality"]
     if q is not None:
-        print(f"quality, float model vs this file in onnxruntime on {q['samples']} "
+        print(f"quality, {q.get('reference', 'float model')} vs this file in onnxruntime on {q['samples']} "
               f"{'held-back samples' if q['held_back'] else 'calibration samples (none held back)'}: "
               + format_quality([OutputQuality(**o) for o in q["outputs"]]))
     print("parity, this file vs the tuned mirror (what was optimised is what ships; not a quality measure): "

@@ -10,6 +10,7 @@ mirror's FakeQuantize computes.
 from __future__ import annotations
 
 import json
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -82,11 +83,14 @@ def _consumers_of(graph: onnx.GraphProto, name: str):
     return [(node, i) for node in graph.node for i, t in enumerate(node.input) if t == name]
 
 
-def export_qdq(model: onnx.ModelProto, mirror: Mirror, state: QuantState) -> onnx.ModelProto:
+def export_qdq(model: onnx.ModelProto, mirror: Mirror, state: QuantState,
+               store: Callable[[onnx.TensorProto], onnx.TensorProto] | None = None) -> onnx.ModelProto:
     """A copy of `model` (the graph the mirror was built from) with Q/DQ nodes inserted.
 
     The bit plan is recorded in the metadata (`onnxqlimit.bit_plan`, tensor -> width): a
     3-bit weight in an int4 container cannot be told from a 4-bit one by its type alone.
+    `store` (weights.DataFile.move_out, for a model of many GB) takes each integer weight
+    as it is made, so that the file's weights are never all in memory.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -96,7 +100,7 @@ def export_qdq(model: onnx.ModelProto, mirror: Mirror, state: QuantState) -> onn
         quantizer = quantizers[point.tensor]
         readers = _consumers_of(graph, point.tensor)
         if point.kind == "weight":
-            new_name = _insert_weight(graph, point, quantizer, mirror.initializer(point.tensor))
+            new_name = _insert_weight(graph, point, quantizer, mirror.initializer(point.tensor), store)
         else:
             new_name = _insert_activation(graph, point, quantizer)
         for node, index in readers:
@@ -119,12 +123,13 @@ def _qparam_arrays(quantizer: FakeQuantize, per_channel: bool):
     return scale.astype(np.float32), zero.astype(_dtype(quantizer.spec))
 
 
-def _insert_weight(graph, point: QuantPoint, quantizer: FakeQuantize, weight) -> str:
+def _insert_weight(graph, point: QuantPoint, quantizer: FakeQuantize, weight, store=None) -> str:
     spec = point.spec
-    ints = quantizer.quantize(weight.detach()).cpu().numpy().astype(np.int64).astype(_dtype(spec))
+    ints = quantizer.quantize(weight.detach()).cpu().numpy().astype(np.int32).astype(_dtype(spec))
     scale, zero = _qparam_arrays(quantizer, spec.channel_axis is not None)
     base = point.tensor
-    graph.initializer.extend([numpy_helper.from_array(ints, f"{base}_quantized"),
+    stored = numpy_helper.from_array(ints, f"{base}_quantized")
+    graph.initializer.extend([store(stored) if store is not None else stored,
                               numpy_helper.from_array(scale, f"{base}_scale"),
                               numpy_helper.from_array(zero, f"{base}_zero_point")])
     attrs = {"axis": spec.channel_axis} if spec.channel_axis is not None else {}

@@ -16,12 +16,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import weights
 from .errors import QLimitError
 from .graph import consumers, topological_sort
+from .weights import TWO_GB
 
 log = logging.getLogger("onnxqlimit")
-
-TWO_GB = 2**31 - 1  # protobuf's limit on one serialised message
 
 
 @dataclass
@@ -33,7 +33,8 @@ class LoadConfig:
 
 
 def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """Read a model file (external data included) with a one-line error on failure."""
+    """Read a model file with a one-line error on failure. External data is read into the
+    proto up to weights.IN_MEMORY_LIMIT; above it, tensors stay on disk (weights.py)."""
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
@@ -42,9 +43,29 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     if not path.is_file():
         raise QLimitError(f"{path}: no such model file")
     try:
-        return onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # protobuf/IO errors come in many types
         raise QLimitError(f"{path}: not a readable ONNX model ({_first_line(err)})") from None
+    if not weights.on_disk(model):
+        return model
+    for tensor in weights.external_tensors(model):
+        location = onnx.external_data_helper.ExternalDataInfo(tensor).location
+        data = path.parent / location
+        if not location or Path(location).is_absolute() or ".." in Path(location).parts:
+            raise QLimitError(f"{path}: tensor '{tensor.name}' has external data outside the model's folder ({location!r})")
+        if not data.is_file():
+            raise QLimitError(f"{path}: external data file {location} (tensor '{tensor.name}') is missing")
+    weights.set_basepath(model, path.parent)
+    size = weights.model_bytes(model)
+    if size <= weights.IN_MEMORY_LIMIT:
+        weights.load_data(model)
+        return model
+    try:  # from the file: the checker finds the data files beside it (see _check)
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as err:
+        raise _invalid(err) from None
+    log.info("%s: %.1f GB of weights stay on disk, mapped as they are read", path.name, size / 1e9)
+    return model
 
 
 def uses_external_data(source) -> bool:
@@ -65,16 +86,15 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, config: LoadConfig |
     original_initializers = {t.name for t in model.graph.initializer}
     topological_sort(model.graph)
     large = model.ByteSize() > TWO_GB
-    if not large:  # the checker cannot serialise >2 GB protos in memory
-        try:
-            onnx.checker.check_model(model)
-        except onnx.checker.ValidationError as err:
-            raise QLimitError(f"invalid ONNX model: {' '.join(str(err).split())[:300]}") from None
+    try:
+        _check(model)
+    except onnx.checker.ValidationError as err:
+        raise _invalid(err) from None
 
     model = _raise_opset(model, config.min_opset)
     constants_to_initializers(model.graph)
-    if config.simplify and large:
-        log.warning("model is over 2 GB: skipping onnxsim simplification")
+    if config.simplify and (large or weights.on_disk(model)):
+        log.warning("model weights stay on disk (over 2 GB): skipping onnxsim simplification")
     elif config.simplify:
         model = _simplify(model)
         constants_to_initializers(model.graph)
@@ -88,6 +108,18 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, config: LoadConfig |
     for key, value in metadata:
         model.metadata_props.add(key=key, value=value)
     return model
+
+
+def _check(model: onnx.ModelProto) -> None:
+    """onnx.checker on a model in memory. Over 2 GB it cannot serialise the proto, and for
+    tensors kept on disk it looks for their files beside the working folder: read_model
+    checked such a model from its file instead."""
+    if model.ByteSize() <= TWO_GB and not weights.on_disk(model):
+        onnx.checker.check_model(model)
+
+
+def _invalid(err: Exception) -> QLimitError:
+    return QLimitError(f"invalid ONNX model: {' '.join(str(err).split())[:300]}")
 
 
 def _name_nodes(graph: onnx.GraphProto) -> None:
@@ -146,24 +178,48 @@ def _raise_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
         return model
     try:
         converted = onnx.version_converter.convert_version(model, target)
-        onnx.checker.check_model(converted)
+        _check(converted)
         return converted
     except Exception as err:
         log.warning("could not convert opset %d -> %d (%s); keeping opset %d", current, target, _first_line(err), current)
         return model
 
 
+# onnxsim passes that rewrite standard subgraphs into onnxruntime's contrib ops
+# (com.microsoft Attention, GroupQueryAttention): the output is to stay a standard ONNX
+# file that any runtime takes, and the mirror runs standard ops only.
+CONTRIB_FUSIONS = ["fuse_attention", "fuse_gqa"]
+# Fusions into newer standard ops, skipped on a second try when the mirror lacks them.
+NEWER_OP_FUSIONS = ["fuse_rms_norm", "fuse_rope", "fuse_gelu"]
+
+
 def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    from .mirror import unsupported_op_counts
+
+    before = set(unsupported_op_counts(model))
+    for skipped in (CONTRIB_FUSIONS, CONTRIB_FUSIONS + NEWER_OP_FUSIONS):
+        simplified = _run_onnxsim(model, skipped)
+        if simplified is None:
+            return model
+        new = sorted(set(unsupported_op_counts(simplified)) - before)
+        if not new:
+            return simplified
+    log.warning("onnxsim fused ops into %s, which cannot be mirrored; continuing with the unsimplified model",
+                ", ".join(new))
+    return model
+
+
+def _run_onnxsim(model: onnx.ModelProto, skipped: list[str]) -> onnx.ModelProto | None:
     import onnxsim
 
     try:
-        simplified, ok = onnxsim.simplify(model)
+        simplified, ok = onnxsim.simplify(model, skipped_optimizers=list(skipped))
     except Exception as err:  # onnxsim raises anything from protobuf to C++ errors
         log.warning("onnxsim failed (%s); continuing with the unsimplified model", _first_line(err))
-        return model
+        return None
     if not ok:
         log.warning("onnxsim could not validate its result; continuing with the unsimplified model")
-        return model
+        return None
     return simplified
 
 
@@ -263,12 +319,12 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 
 def _fold_one(graph: onnx.GraphProto, prod: onnx.NodeProto, bn: onnx.NodeProto, inits: dict) -> bool:
-    arr = {n: numpy_helper.to_array(inits[n]).astype(np.float64) for n in list(prod.input[1:]) + list(bn.input[1:]) if n}
+    arr = {n: weights.array(inits[n]).astype(np.float64) for n in list(prod.input[1:]) + list(bn.input[1:]) if n}
     gamma, beta, mean, var = (arr[n] for n in bn.input[1:])
     scale = gamma / np.sqrt(var + _attr(bn, "epsilon", 1e-5))
     weight_name = prod.input[1]
     weight = arr[weight_name]
-    dtype = numpy_helper.to_array(inits[weight_name]).dtype
+    dtype = weights.array(inits[weight_name]).dtype
     if dtype.kind != "f":
         return False
     channels = scale.shape[0]

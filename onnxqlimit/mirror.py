@@ -1,9 +1,12 @@
 """The mirror: an ONNX graph rebuilt as a torch.nn.Module, one torch function per node.
 
 Weights are parameters (float) or buffers (integer) registered under their initializer
-name; every tensor the graph computes can be captured or rewritten by name through
-`set_hook`, which is where quantizers attach later (a Q/DQ pair in the exported file
-stands exactly where a hook stands here).
+name (mappings of the data file for a model kept on disk, see weights.py), read lazily:
+a weight is quantized when its first reader runs and dropped after its last, so a
+forward pass never holds every quantized weight at once. Every tensor the graph
+computes can be captured or rewritten by name through `set_hook`, which is where
+quantizers attach later (a Q/DQ pair in the exported file stands exactly where a hook
+stands here).
 """
 from __future__ import annotations
 
@@ -15,9 +18,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 from torch import nn
 
+from . import weights
 from .errors import QLimitError, UnsupportedModelError
 from .ops import Node, get_converter
 from .ops.registry import as_tensor
@@ -56,7 +59,9 @@ class Mirror(nn.Module):
         self.initializer_names: list[str] = []
         for init in graph.initializer:
             try:
-                value = as_tensor(numpy_helper.to_array(init))
+                array = weights.array(init)
+                # a mapped file is used as it is (copy-on-write); anything else is copied
+                value = torch.from_numpy(array) if isinstance(array, np.memmap) else as_tensor(array)
             except QLimitError as err:
                 raise UnsupportedModelError(f"initializer '{init.name}': {err}") from None
             key = _safe_key(init.name, taken)
@@ -140,9 +145,20 @@ class Mirror(nn.Module):
         """The initializers that the given nodes read."""
         return list(dict.fromkeys(n for i in node_range for n in self.nodes[i].inputs if n in self._keys))
 
+    def value(self, env: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        """env[name], an initializer (hook applied) being fetched into env on first use."""
+        found = env.get(name)
+        if found is None and name in self._keys:
+            self._put(env, name, self.initializer(name))
+            found = env[name]
+        elif found is None:
+            raise KeyError(name)
+        return found
+
     def initial_env(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Initializers and graph inputs, hooks applied: the state before the first node."""
-        env = self.initializer_env()
+        """Graph inputs, hooks applied: the state before the first node (initializers are
+        fetched as nodes read them, see value())."""
+        env: dict[str, torch.Tensor] = {}
         device = self.device
         for name in self.input_names:
             if name not in feeds:
@@ -167,7 +183,7 @@ class Mirror(nn.Module):
         indices = range(len(self.nodes)) if node_range is None else node_range
         for index in indices:
             node = self.nodes[index]
-            args = [env[name] if name else None for name in node.inputs]
+            args = [self.value(env, name) if name else None for name in node.inputs]
             try:
                 result = self._fns[index](*args)
             except (RuntimeError, ValueError, IndexError, KeyError) as err:
@@ -186,14 +202,14 @@ class Mirror(nn.Module):
     def run(self, feeds: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Compute the graph outputs (or the named tensors) for one batch of inputs."""
         wanted = list(outputs) if outputs is not None else self.output_names
-        known = set(self.input_names) | {name for node in self.nodes for name in node.outputs}
+        known = set(self.input_names) | set(self._keys) | {name for node in self.nodes for name in node.outputs}
         missing = [name for name in wanted if name not in known]
         if missing:  # before running: a typo should not cost a forward pass or end in a KeyError
             near = difflib.get_close_matches(missing[0], sorted(known), n=3)
             raise QLimitError(f"no tensor named {missing[0]!r} in the model"
                               + (f" (near: {', '.join(near)})" if near else ""))
         env = self.execute(self.initial_env(feeds), keep=wanted)
-        return {name: env[name] for name in wanted}
+        return {name: self.value(env, name) for name in wanted}
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         result = self.run(dict(zip(self.input_names, inputs)))

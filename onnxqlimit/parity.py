@@ -8,6 +8,7 @@ activation quantizer must produce onnxruntime's integers from onnxruntime's own 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 
 from .data import batches, fixed_batch_size
 from .mirror import Mirror
+from .weights import on_disk
 
 # Relative to the largest reference magnitude of each output: float32 summation order
 # differences between torch and onnxruntime stay ~1e-6 of that on real models.
@@ -62,6 +64,8 @@ def ort_session(model: onnx.ModelProto | str | bytes, optimize: bool = False) ->
     options = ort.SessionOptions()
     if not optimize:  # compare against the graph as written, not onnxruntime's rewrite of it
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if isinstance(model, onnx.ModelProto) and on_disk(model):
+        raise ValueError("a model whose weights are on disk runs from its file: pass the path")
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
@@ -125,13 +129,17 @@ class IntegerParity:
         return self.flipped <= MAX_INTEGER_FLIPS
 
 
-def check_integers(qmodel: onnx.ModelProto, quantizers: Mapping, tensors: list[str],
+def check_integers(qmodel: onnx.ModelProto | Path, quantizers: Mapping, tensors: list[str],
                    feeds: Mapping[str, np.ndarray]) -> IntegerParity:
     """Feed each activation quantizer the float tensor onnxruntime computed, and compare its
     integers with those of onnxruntime's QuantizeLinear: a test of scales, zero points,
-    clamps and rounding that upstream summation-order differences cannot blur."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(qmodel)
+    clamps and rounding that upstream summation-order differences cannot blur.
+    A model given by path is probed from a file beside it (its external data resolves)."""
+    if isinstance(qmodel, onnx.ModelProto):
+        probe = onnx.ModelProto()
+        probe.CopyFrom(qmodel)
+    else:
+        probe = onnx.load(str(qmodel), load_external_data=False)
     existing = {o.name for o in probe.graph.output}
     names = []
     # export names each activation's DequantizeLinear output <tensor>_dequantized; the
@@ -141,7 +149,16 @@ def check_integers(qmodel: onnx.ModelProto, quantizers: Mapping, tensors: list[s
     for name in names:
         if name not in existing:
             probe.graph.output.add(name=name)
-    values = dict(zip(names, ort_session(probe).run(names, dict(feeds))))
+    if isinstance(qmodel, onnx.ModelProto):
+        session = ort_session(probe)
+    else:
+        probe_path = Path(qmodel).with_name(f".{Path(qmodel).name}.probe.onnx")
+        onnx.save(probe, str(probe_path))
+        try:
+            session = ort_session(str(probe_path))
+        finally:
+            probe_path.unlink(missing_ok=True)
+    values = dict(zip(names, session.run(names, dict(feeds))))
     total = flipped = beyond = 0
     with torch.no_grad():
         for name in tensors:

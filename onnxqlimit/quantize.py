@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -17,18 +15,20 @@ import numpy as np
 import onnx
 import torch
 
+from . import weights
 from .calibrate import attach_quantizers, calibrate, set_enabled
 from .data import batches, calibration_feeds, conform, fixed_batch_size, graph_inputs, load_npz, parse_preprocess
 from .errors import QLimitError
 from .evaluate import compare
 from .evaluate import run as run_model
 from .export import export_qdq, required_opset
-from .load import TWO_GB, LoadConfig, load_model, read_model, uses_external_data
+from .load import LoadConfig, load_model, read_model, uses_external_data
 from .mirror import Mirror
 from .mixed.costs import CostModel, file_costs
 from .mixed.metric import relative_score
 from .mixed.search import EvalData, MixedConfig, SearchResult, result_json, search
-from .parity import check_integers, check_mirror, format_parity, ort_session
+from .output import StagedOutput, check_output
+from .parity import check_integers, check_mirror, format_parity
 from .quant.bits import BitPlan, plan_widths, read_plan_file
 from .quant.policy import QuantConfig, place
 from .quant.reach import last_layers
@@ -138,7 +138,7 @@ def _quantize(model, output_path, calibration, config: QuantConfig, options: Run
     plan_entries = read_plan_file(options.bits_plan) if options.bits_plan else None
     if searching and plan_entries is not None:
         raise QLimitError("--bits-plan fixes every width; it cannot be combined with a --target-* search")
-    _check_output(model, Path(output_path), options.overwrite)
+    check_output(model, Path(output_path), options.overwrite)
     original = read_model(model)
     widths = config.all_bits() | plan_widths(plan_entries or {})  # every width the file may hold
     if searching:
@@ -181,33 +181,39 @@ def _quantize(model, output_path, calibration, config: QuantConfig, options: Run
     if options.work_dir is not None and recon.method != "rtn":
         settings = {"config": asdict(config), "plan": state.plan.to_nodes(points), "device": device.type,
                     "threads": torch.get_num_threads(), "recon": {k: v for k, v in asdict(recon).items() if k != "progress"}}
-        checkpoints = Checkpoints(Path(options.work_dir), run_key(original.SerializeToString(), feeds, settings),
+        checkpoints = Checkpoints(Path(options.work_dir), run_key(weights.identity(original), feeds, settings),
                                   options.resume)
     tuning = reconstruct(mirror, loaded, state, feeds, recon, checkpoints) if recon.method != "rtn" else None
 
-    qmodel = export_qdq(loaded, mirror, state)
     parity_feeds = {k: v[: options.parity_samples] for k, v in feeds.items()}
-    parity = check_mirror(qmodel, mirror, parity_feeds, batch_size=batch_size)
     act_tensors = [p.tensor for p in points if p.kind == "activation"]
-    # A couple of samples: every activation of the model is held at once for this check.
-    flips = check_integers(qmodel, quantizers, act_tensors,
-                           next(batches(parity_feeds, fixed_batch_size(loaded) or INTEGER_CHECK_SAMPLES)))
-    if not (all(r.ok_quantized for r in parity) and flips.ok):
-        raise QLimitError("exported model does not reproduce the quantized mirror in onnxruntime "
-                          f"({flips.flipped:.2%} of activation integers differ):\n" + format_parity(parity, quantized=True))
-    costs = file_costs(qmodel, CostModel(loaded, mirror, points, state.quantizers, feeds), state.plan)
-    if searched is not None and "latency_ms" in searched.costs:  # a table estimate; the file's own time is measured
-        from .mixed.latency import model_latency_ms
-
-        costs["latency_ms"] = searched.costs["latency_ms"]
-        costs["measured_latency_ms"] = model_latency_ms(qmodel, {k: v[:1] for k, v in feeds.items()},
-                                                        threads=options.mixed.latency_threads)
-    budgets = options.mixed.targets.budgets()
-    over = [name for name, limit in budgets.items() if costs[name] > limit * (1 + 1e-9)]
-    if over:  # the search guarantees the budgets: reaching here is a bug, never a shipped file
-        raise RuntimeError(f"exported file exceeds its budget: {', '.join(f'{n} {costs[n]:.6g} > {budgets[n]:.6g}' for n in over)}")
     output_path = Path(output_path)
-    save_atomically(qmodel, output_path, external_data=uses_external_data(model))
+    held = len(next(iter(held_back.values())))
+    with StagedOutput(output_path) as staged:  # validated as written, then moved into place
+        # A model kept on disk has its integer weights written out as they are made.
+        qmodel = export_qdq(loaded, mirror, state, staged.store if weights.on_disk(loaded) else None)
+        qmodel = staged.write(qmodel, external_data=uses_external_data(model))
+        written = staged.path
+        parity, flips = _check_file(written, mirror, quantizers, act_tensors, parity_feeds,
+                                    fixed_batch_size(loaded), batch_size)
+        costs = file_costs(qmodel, CostModel(loaded, mirror, points, state.quantizers, feeds), state.plan)
+        if searched is not None and "latency_ms" in searched.costs:  # a table estimate; the file's own time is measured
+            from .mixed.latency import model_latency_ms
+
+            costs["latency_ms"] = searched.costs["latency_ms"]
+            costs["measured_latency_ms"] = model_latency_ms(str(written), {k: v[:1] for k, v in feeds.items()},
+                                                            threads=options.mixed.latency_threads)
+        budgets = options.mixed.targets.budgets()
+        over = [name for name, limit in budgets.items() if costs[name] > limit * (1 + 1e-9)]
+        if over:  # the search guarantees the budgets: reaching here is a bug, never a shipped file
+            raise RuntimeError(f"exported file exceeds its budget: {', '.join(f'{n} {costs[n]:.6g} > {budgets[n]:.6g}' for n in over)}")
+        try:  # measured before the move, while an input that --overwrite replaces is still there
+            quality = {**_quality(original, str(written), mirror, quantizers, held_back if held else parity_feeds,
+                                  batch_size), "held_back": bool(held)}
+        except Exception as err:  # noqa: BLE001 - a float model onnxruntime cannot run costs this line, not the run
+            log.warning("quality not measured: %s", str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+            quality = None
+        staged.commit()
     if checkpoints is not None:
         checkpoints.finish()
     if options.save_plan:
@@ -217,20 +223,14 @@ def _quantize(model, output_path, calibration, config: QuantConfig, options: Run
                                    "calib_size_limit": calib_size, "batch_size": batch_size,
                                    "recon": asdict(recon)}, time.perf_counter() - started)
     report["integer_parity"] = asdict(flips)
-    held = len(next(iter(held_back.values())))
-    try:  # the file is written: a float model onnxruntime cannot run costs this line, not the run
-        report["quality"] = {**_quality(original, qmodel, held_back if held else parity_feeds, batch_size),
-                             "held_back": bool(held)}
-    except Exception as err:  # noqa: BLE001
-        log.warning("quality not measured: %s", str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
-        report["quality"] = None
+    report["quality"] = quality
     report["threads"] = torch.get_num_threads() if device.type == "cpu" else None
     report["reconstruction"] = asdict(tuning) if tuning is not None else None
     report["costs"] = costs
     report["plan"] = state.plan.to_nodes(points)
     report["mixed_precision"] = result_json(searched, points) if searched is not None else None
     if options.mixed.targets.metric is not None:
-        report["metric"] = _file_metric(qmodel, mirror, state, eval_data or EvalData(feeds), batch_size)
+        report["metric"] = _file_metric(output_path, mirror, state, eval_data or EvalData(feeds), batch_size)
     return QuantizeResult(output_path, report)
 
 
@@ -244,77 +244,52 @@ def _eval_data(path: str, model: onnx.ModelProto) -> EvalData:
     return EvalData(feeds, labels)
 
 
-def _quality(original: onnx.ModelProto, qmodel: onnx.ModelProto, feeds: dict[str, np.ndarray],
-             batch_size: int) -> dict:
-    """Float model vs the exported file on `feeds`, both in onnxruntime (evaluate.py)."""
-    rows = compare(run_model(qmodel, feeds, batch_size), run_model(original, feeds, batch_size))
-    return {"samples": len(next(iter(feeds.values()))), "outputs": [asdict(r) for r in rows]}
+def _check_file(path: Path, mirror: Mirror, quantizers, act_tensors: list[str], feeds: dict[str, np.ndarray],
+                fixed_batch: int | None, batch_size: int):
+    """The written file in onnxruntime against the quantized mirror: outputs, and every
+    activation quantizer's integers (parity.py); a file that fails is never moved into place."""
+    parity = check_mirror(str(path), mirror, feeds, batch_size=batch_size)
+    # A couple of samples: every activation of the model is held at once for this check.
+    flips = check_integers(path, quantizers, act_tensors, next(batches(feeds, fixed_batch or INTEGER_CHECK_SAMPLES)))
+    if not (all(r.ok_quantized for r in parity) and flips.ok):
+        raise QLimitError("exported model does not reproduce the quantized mirror in onnxruntime "
+                          f"({flips.flipped:.2%} of activation integers differ):\n" + format_parity(parity, quantized=True))
+    return parity, flips
 
 
-def _file_metric(qmodel: onnx.ModelProto, mirror: Mirror, state: QuantState, data: EvalData, batch_size: int) -> float:
-    """The --target-metric score of the exported file, run by onnxruntime, against the float mirror."""
-    session = ort_session(qmodel)
-    outputs: dict[str, list] = {}
-    reference: dict[str, list] = {}
-    for batch in batches(data.feeds, batch_size):
-        for name, value in zip(mirror.output_names, session.run(mirror.output_names, dict(batch))):
-            outputs.setdefault(name, []).append(torch.from_numpy(np.asarray(value)))
-        set_enabled(state.quantizers, False)
-        try:
-            with torch.no_grad():
-                for name, value in mirror.run(batch).items():
-                    reference.setdefault(name, []).append(value.cpu())
-        finally:
-            set_enabled(state.quantizers, True)
-    return relative_score({k: torch.cat(v) for k, v in reference.items()},
-                          {k: torch.cat(v) for k, v in outputs.items()}, data.labels)
+def _quality(original: onnx.ModelProto, qmodel: str, mirror: Mirror, quantizers,
+             feeds: dict[str, np.ndarray], batch_size: int) -> dict:
+    """Float model vs the exported file on `feeds` (evaluate.py), both run by onnxruntime;
+    but onnxruntime copies every weight of a model into memory, so for a float model kept
+    on disk the float mirror (equal to it within the parity tolerance) stands in."""
+    in_mirror = weights.on_disk(original)
+    reference = _float_outputs(mirror, quantizers, feeds, batch_size) if in_mirror else \
+        run_model(original, feeds, batch_size)
+    rows = compare(run_model(qmodel, feeds, batch_size), reference)
+    return {"samples": len(next(iter(feeds.values()))), "outputs": [asdict(r) for r in rows],
+            "reference": "float mirror" if in_mirror else "float model"}
 
 
-def _check_output(model, output: Path, overwrite: bool) -> None:
-    """Refuse, before any work, an output that cannot be written, and writing over the
-    input model unless asked to."""
-    if output.is_dir():
-        raise QLimitError(f"{output}: is a folder; -o takes the path of the model file to write")
-    folder = output.parent
-    while not folder.exists() and folder != folder.parent:  # the folders that save_atomically would create
-        folder = folder.parent
-    if not folder.is_dir():
-        raise QLimitError(f"{output}: cannot write there ({folder} is not a folder)")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise QLimitError(f"{output}: cannot write there (no write permission in {folder})")
-    if isinstance(model, onnx.ModelProto) or overwrite:
-        return
-    source = Path(model)  # samefile: another spelling, a symlink or a hard link is the same file
-    if output.exists() and source.exists() and output.samefile(source):
-        raise QLimitError(f"{output}: the output is the input model; write elsewhere or pass --overwrite")
-
-
-def save_atomically(model: onnx.ModelProto, path: Path, external_data: bool = False) -> None:
-    """Write to a temporary name beside `path`, then rename: never a half-written model.
-    The file gets the permissions of an ordinary new file (0666 less the umask), not
-    mkstemp's private 0600, so a model server running as another user can read it.
-    With `external_data` (the input model kept its weights in a data file, or the model is
-    over protobuf's 2 GB) the weights go to `<name>.data` beside it, written first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+def _float_outputs(mirror: Mirror, quantizers, feeds: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """The float model's outputs, computed by the mirror with every quantizer off."""
+    parts: dict[str, list[np.ndarray]] = {}
+    set_enabled(quantizers, False)
     try:
-        tmp = tmp_dir / path.name
-        if external_data or model.ByteSize() > TWO_GB:
-            data = f"{path.name}.data"
-            external = onnx.ModelProto()  # onnx.save would turn the caller's tensors into file references
-            external.CopyFrom(model)
-            onnx.save(external, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
-                      size_threshold=1024)
-            os.chmod(tmp_dir / data, 0o666 & ~umask)
-            os.replace(tmp_dir / data, path.parent / data)
-        else:
-            onnx.save(model, str(tmp))
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        with torch.no_grad():
+            for batch in batches(feeds, batch_size):
+                for name, value in mirror.run(batch).items():
+                    parts.setdefault(name, []).append(value.cpu().numpy())
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        set_enabled(quantizers, True)
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def _file_metric(qmodel: Path, mirror: Mirror, state: QuantState, data: EvalData, batch_size: int) -> float:
+    """The --target-metric score of the exported file, run by onnxruntime, against the float mirror."""
+    outputs = run_model(str(qmodel), data.feeds, batch_size, optimize=False)
+    reference = _float_outputs(mirror, state.quantizers, data.feeds, batch_size)
+    return relative_score({k: torch.from_numpy(v) for k, v in reference.items()},
+                          {k: torch.from_numpy(outputs[k]) for k in reference}, data.labels)
 
 
 def write_report(report: dict, path) -> None:

@@ -9,6 +9,7 @@ import onnx
 import torch
 
 from .calibrate import set_enabled
+from .weights import model_bytes
 from .mirror import Mirror
 from .parity import OutputParity
 from .quant.fake_quant import FakeQuantize
@@ -16,10 +17,6 @@ from .quant.policy import QuantConfig
 from .state import QuantState
 
 SQNR_SAMPLES = 4  # samples used for per-node SQNR (all node outputs are held at once)
-
-
-def model_bytes(model: onnx.ModelProto) -> int:
-    return model.ByteSize()
 
 
 def _scale_stats(q: FakeQuantize) -> dict:

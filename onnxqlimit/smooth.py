@@ -23,6 +23,7 @@ from onnx import helper, numpy_helper
 
 from .graph import topological_sort
 from .mirror import Mirror
+from .weights import array as tensor_array
 
 _SCALE_RANGE = (1e-4, 1e4)  # a dead channel must not blow a weight row up or to zero
 
@@ -78,7 +79,7 @@ def smooth(model: onnx.ModelProto, act_max: Mapping[str, np.ndarray], alpha: flo
         if tensor not in act_max or any(readers[n.input[1]] > 1 or inits[n.input[1]].data_type
                                         != onnx.TensorProto.FLOAT for n, _ in layers):
             continue  # a weight shared with another reader cannot take this tensor's scales alone
-        weights = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n, _ in layers]
+        weights = [tensor_array(inits[n.input[1]]).astype(np.float32) for n, _ in layers]
         w_max = np.max([np.abs(w).max(axis=1 - axis) for w, (_, axis) in zip(weights, layers)], axis=0)
         x_max = act_max[tensor].astype(np.float64)
         if x_max.shape != w_max.shape:

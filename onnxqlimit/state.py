@@ -48,6 +48,7 @@ class QuantState:
             entry = {"bits": point.spec.bits, "scale": q.scale.detach().cpu().clone(),
                      "zero_point": q.zero_point.detach().cpu().clone()}
             if isinstance(q, AdaRoundQuantize):
-                entry.update(alpha=q.alpha.detach().cpu().clone(), hard=q.hard)
+                learned = q.chosen if q.hard else q.alpha
+                entry.update({"chosen" if q.hard else "alpha": learned.detach().cpu().clone(), "hard": q.hard})
             state[point.tensor] = entry
         return state

@@ -38,13 +38,14 @@ def test_adaround_starts_at_the_float_weight_and_hardens_to_integers():
     ada = AdaRoundQuantize(fq, w)
     inside = (w / fq._view(fq.scale, w)).abs() < fq.spec.qmax  # away from the clamp
     assert torch.allclose(ada(w)[inside], w[inside], atol=1e-5)  # soft rounding = the fractional part
+    assert ada.regularizer(2.0).item() > 0
     ada.harden()
+    assert not hasattr(ada, "alpha") and ada.chosen.dtype == torch.int8  # the choice is all that is kept
     ints = ada.quantize(w)
     assert torch.equal(ints, ints.round())
     assert torch.equal(ada(w), (ints - 0) * fq._view(fq.scale, w))
     nearest = fq.quantize(w)
     assert (ints != nearest).float().mean() < 0.01  # untrained, hard rounding is round-to-nearest
-    assert ada.regularizer(2.0).item() > 0
 
 
 def test_adaround_regularizer_is_zero_at_hard_choices():

@@ -29,6 +29,7 @@ from ..mirror import Mirror
 from ..quant.bits import BitPlan
 from ..quant.policy import COMPUTE_OPS, QuantPoint
 from ..quant.fake_quant import FakeQuantize
+from ..weights import array as tensor_array
 
 FLOAT_BITS = 32
 BUDGETS = ("size_bytes", "avg_wbits", "bitops", "latency_ms")
@@ -152,9 +153,11 @@ def file_costs(model: onnx.ModelProto, cost_model: CostModel, plan: BitPlan) -> 
     for tensor, point in cost_model.points.items():
         if point.kind != "weight":
             continue
-        ints = onnx.numpy_helper.to_array(inits[f"{tensor}_quantized"]).astype(np.int64)
+        ints = tensor_array(inits[f"{tensor}_quantized"])  # int8/uint8 as stored (mapped, for a big model)
+        if ints.dtype.kind not in "iu":  # ml_dtypes' int4/int2 as a numpy integer type
+            ints = ints.astype(np.int16)
         spec = replace(point.spec, bits=plan.bits[tensor])
-        if ints.min(initial=spec.qmin) < spec.qmin or ints.max(initial=spec.qmax) > spec.qmax:
+        if int(ints.min(initial=spec.qmin)) < spec.qmin or int(ints.max(initial=spec.qmax)) > spec.qmax:
             raise ValueError(f"{tensor}: stored integers exceed the {spec.bits}-bit range")
     costs = cost_model.evaluate(plan)
     costs["planned_size_bytes"] = costs["size_bytes"]  # what the search counted; tests hold the two equal

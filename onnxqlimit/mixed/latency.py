@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from ..errors import QLimitError
 from ..export import _insert_activation, _insert_weight, required_opset
@@ -36,6 +36,7 @@ from ..quant.bits import check_bits
 from ..quant.fake_quant import FakeQuantize, QuantSpec
 from ..quant.observers import qparams_from_range, weight_qparams
 from ..quant.policy import COMPUTE_OPS, QuantPoint, _weight_axis
+from ..weights import array as tensor_array
 
 FLOAT = "float"
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
@@ -112,7 +113,7 @@ def _activation_quantizer(values: np.ndarray, bits: int) -> FakeQuantize:
 
 
 def _quantize_weight(graph: onnx.GraphProto, node: onnx.NodeProto, index: int, init: onnx.TensorProto, bits: int) -> str:
-    weight = torch.from_numpy(numpy_helper.to_array(init).astype(np.float32))
+    weight = torch.from_numpy(np.array(tensor_array(init), np.float32))
     axis = _weight_axis(node, index, weight.dim()) if weight.dim() > 1 else None
     spec = QuantSpec(bits, symmetric=True, channel_axis=axis)
     quantizer = FakeQuantize(spec, weight.shape[axis] if axis is not None else 1)

@@ -36,7 +36,7 @@ def last_layers(mirror: Mirror, batch: Mapping[str, np.ndarray], seed: int = 0) 
     probes: list[torch.Tensor] = []
     with torch.enable_grad():
         for index, node in enumerate(mirror.nodes):
-            args = [env[name] if name else None for name in node.inputs]
+            args = [mirror.value(env, name) if name else None for name in node.inputs]
             compute = node.op_type in COMPUTE_OPS
             if compute:  # what reaches this layer: projected on fixed random weights (a plain sum
                 for a in args:  # would give softmax outputs a zero gradient)

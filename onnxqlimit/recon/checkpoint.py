@@ -75,10 +75,10 @@ class Checkpoints:
                 module = AdaRoundQuantize(module, initializer(name))
                 quantizers[name] = module
                 set_hook(name, module)
+                if saved["hard"]:  # a hard module keeps its chosen integers only: take that form first
+                    module.harden()
             device = module.scale.device
             module.load_state_dict({k: v.to(device) for k, v in saved["tensors"].items()})
-            if saved["adaround"] and saved["hard"]:
-                module.harden()
         known = {f.name for f in fields(result_type)}
         values = {k: v for k, v in payload["result"].items() if k in known}
         if values.get("tile") is not None:
