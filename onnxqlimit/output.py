@@ -100,9 +100,3 @@ class StagedOutput:
         os.chmod(self.folder / self.target.name, 0o666 & ~umask)
         os.replace(self.folder / self.target.name, self.target)
 
-
-def save_atomically(model: onnx.ModelProto, path: Path, external_data: bool = False) -> None:
-    """Write `model` to `path` through a staging folder: never a half-written file."""
-    with StagedOutput(path) as staged:
-        staged.write(model, external_data)
-        staged.commit()
