@@ -129,17 +129,14 @@ class IntegerParity:
         return self.flipped <= MAX_INTEGER_FLIPS
 
 
-def check_integers(qmodel: onnx.ModelProto | Path, quantizers: Mapping, tensors: list[str],
+def check_integers(qmodel: Path, quantizers: Mapping, tensors: list[str],
                    feeds: Mapping[str, np.ndarray]) -> IntegerParity:
     """Feed each activation quantizer the float tensor onnxruntime computed, and compare its
     integers with those of onnxruntime's QuantizeLinear: a test of scales, zero points,
     clamps and rounding that upstream summation-order differences cannot blur.
-    A model given by path is probed from a file beside it (its external data resolves)."""
-    if isinstance(qmodel, onnx.ModelProto):
-        probe = onnx.ModelProto()
-        probe.CopyFrom(qmodel)
-    else:
-        probe = onnx.load(str(qmodel), load_external_data=False)
+    `qmodel` is the written file; it is probed from a copy beside it (so external data resolves)
+    that also outputs every quantized tensor."""
+    probe = onnx.load(str(qmodel), load_external_data=False)
     existing = {o.name for o in probe.graph.output}
     names = []
     # export names each activation's DequantizeLinear output <tensor>_dequantized; the
@@ -149,15 +146,12 @@ def check_integers(qmodel: onnx.ModelProto | Path, quantizers: Mapping, tensors:
     for name in names:
         if name not in existing:
             probe.graph.output.add(name=name)
-    if isinstance(qmodel, onnx.ModelProto):
-        session = ort_session(probe)
-    else:
-        probe_path = Path(qmodel).with_name(f".{Path(qmodel).name}.probe.onnx")
-        onnx.save(probe, str(probe_path))
-        try:
-            session = ort_session(str(probe_path))
-        finally:
-            probe_path.unlink(missing_ok=True)
+    probe_path = Path(qmodel).with_name(f".{Path(qmodel).name}.probe.onnx")
+    onnx.save(probe, str(probe_path))
+    try:
+        session = ort_session(str(probe_path))
+    finally:
+        probe_path.unlink(missing_ok=True)
     values = dict(zip(names, session.run(names, dict(feeds))))
     total = flipped = beyond = 0
     with torch.no_grad():

@@ -36,22 +36,17 @@ def on_disk(model: onnx.ModelProto) -> bool:
     return any(is_external(t) for t in model.graph.initializer)
 
 
-def _info(tensor: onnx.TensorProto) -> tuple[Path, int, int | None]:
+def _info(tensor: onnx.TensorProto) -> tuple[Path, int, int]:
+    """An external tensor's file, offset and length (as recorded, else up to the file's end)."""
     info = external_data_helper.ExternalDataInfo(tensor)
     path = Path(info.basepath) / info.location if info.basepath else Path(info.location)
-    return path, info.offset or 0, info.length
+    offset = info.offset or 0
+    return path, offset, info.length if info.length is not None else path.stat().st_size - offset
 
 
-def external_bytes(model: onnx.ModelProto, folder: Path | None = None) -> int:
-    """Bytes held in external data files (lengths as recorded, else the file's size)."""
-    total = 0
-    for tensor in external_tensors(model):
-        path, offset, length = _info(tensor)
-        if length is None:
-            full = (folder / path) if folder is not None and not path.is_absolute() else path
-            length = full.stat().st_size - offset if full.exists() else 0
-        total += length
-    return total
+def external_bytes(model: onnx.ModelProto) -> int:
+    """Bytes held in external data files."""
+    return sum(_info(t)[2] for t in external_tensors(model))
 
 
 def model_bytes(model: onnx.ModelProto) -> int:
@@ -79,8 +74,6 @@ def _point(tensor: onnx.TensorProto, location: str, offset: int | None, length: 
 def _raw(tensor: onnx.TensorProto) -> np.ndarray:
     """An external tensor's bytes, mapped copy-on-write (nothing is read until touched)."""
     path, offset, length = _info(tensor)
-    if length is None:
-        length = path.stat().st_size - offset
     if length == 0:
         return np.zeros(0, np.uint8)
     return np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=(length,))
@@ -93,12 +86,10 @@ def array(tensor: onnx.TensorProto) -> np.ndarray:
     raw = _raw(tensor)
     dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
     count = int(np.prod(tensor.dims)) if tensor.dims else 1
-    if tensor.data_type in (onnx.TensorProto.STRING,) or raw.size != count * dtype.itemsize:
+    if tensor.data_type == onnx.TensorProto.STRING or raw.size != count * dtype.itemsize:
         copy = onnx.TensorProto()  # packed sub-byte types: numpy_helper unpacks a copy
         copy.CopyFrom(tensor)
-        del copy.external_data[:]
-        copy.data_location = onnx.TensorProto.DEFAULT
-        copy.raw_data = raw.tobytes()
+        _inline(copy, raw.tobytes())
         return numpy_helper.to_array(copy)
     return raw.view(dtype).reshape(tuple(tensor.dims))
 
@@ -106,10 +97,14 @@ def array(tensor: onnx.TensorProto) -> np.ndarray:
 def load_data(model: onnx.ModelProto) -> None:
     """Read every external tensor into the proto (for models small enough to hold)."""
     for tensor in external_tensors(model):
-        data = np.asarray(_raw(tensor)).tobytes()
-        del tensor.external_data[:]
-        tensor.data_location = onnx.TensorProto.DEFAULT
-        tensor.raw_data = data
+        _inline(tensor, _raw(tensor).tobytes())
+
+
+def _inline(tensor: onnx.TensorProto, data: bytes) -> None:
+    """Make `tensor` hold `data` itself instead of a file reference."""
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    tensor.raw_data = data
 
 
 def _payload(tensor: onnx.TensorProto) -> np.ndarray | bytes | None:
