@@ -15,11 +15,17 @@ import sys as _sys
 if "torch" not in _sys.modules and not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(_os.environ):
     _os.environ["GOMP_SPINCOUNT"] = "1000"
 
+from .context import Context, RunOptions  # noqa: E402
 from .errors import QLimitError, UnsupportedModelError  # noqa: E402
 from .load import LoadConfig, load_model  # noqa: E402
 from .mirror import Mirror  # noqa: E402
-from .quant.policy import QuantConfig  # noqa: E402
-from .quantize import QuantizeResult, RunOptions, quantize  # noqa: E402
+from .mixed.config import MixedConfig, SensitivityConfig, Targets  # noqa: E402
+from .pipeline import QuantizeResult, place_and_calibrate, prepare, quantize  # noqa: E402
+from .quant.config import Placement, QuantConfig, Scheme, Widths  # noqa: E402
+from .recon.config import ReconConfig  # noqa: E402
+from .report import Report  # noqa: E402
 
-__all__ = ["LoadConfig", "Mirror", "QLimitError", "QuantConfig", "QuantizeResult", "RunOptions",
-           "UnsupportedModelError", "load_model", "quantize", "__version__"]
+__all__ = ["Context", "LoadConfig", "Mirror", "MixedConfig", "Placement", "QLimitError", "QuantConfig",
+           "QuantizeResult", "ReconConfig", "Report", "RunOptions", "Scheme", "SensitivityConfig", "Targets",
+           "UnsupportedModelError", "Widths", "load_model", "place_and_calibrate", "prepare", "quantize",
+           "__version__"]

@@ -16,9 +16,10 @@ from torch import nn
 
 from .mirror import Mirror
 from .progress import progress_bar
+from .quant.config import Scheme
 from .quant.fake_quant import FakeQuantize
 from .quant.observers import RangeObserver, weight_qparams
-from .quant.policy import QuantConfig, QuantPoint
+from .quant.policy import QuantPoint
 
 
 class _Observe(nn.Module):
@@ -42,37 +43,32 @@ def attach_quantizers(mirror: Mirror, points: list[QuantPoint]) -> dict[str, Fak
     return quantizers
 
 
-def set_enabled(quantizers: Mapping[str, FakeQuantize], enabled: bool) -> None:
-    for q in quantizers.values():
-        q.enabled = enabled
-
-
 class Calibration:
     """Scale and zero point of every quantizer at any width, computed once per (tensor, width)."""
 
-    def __init__(self, mirror: Mirror, observers: Mapping[str, RangeObserver], config: QuantConfig):
-        self.mirror, self.observers, self.config = mirror, observers, config
+    def __init__(self, mirror: Mirror, observers: Mapping[str, RangeObserver], scheme: Scheme):
+        self.mirror, self.observers, self.scheme = mirror, observers, scheme
         self._memo: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def qparams(self, point: QuantPoint, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = (point.tensor, bits)
         if key not in self._memo:
-            spec, config = replace(point.spec, bits=bits), self.config
+            spec, scheme = replace(point.spec, bits=bits), self.scheme
             if point.kind == "weight":
-                self._memo[key] = weight_qparams(self.mirror.initializer(point.tensor), spec, config.weight_init)
+                self._memo[key] = weight_qparams(self.mirror.initializer(point.tensor), spec, scheme.weight_init)
             else:
-                self._memo[key] = self.observers[point.tensor].qparams(spec, config.act_init, config.percentile)
+                self._memo[key] = self.observers[point.tensor].qparams(spec, scheme.act_init, scheme.percentile)
         return self._memo[key]
 
 
 def calibrate(mirror: Mirror, points: list[QuantPoint], quantizers: Mapping[str, FakeQuantize],
-              batches: Iterable[Mapping[str, np.ndarray]], config: QuantConfig, progress: bool = True) -> Calibration:
+              batches: Iterable[Mapping[str, np.ndarray]], scheme: Scheme, progress: bool = True) -> Calibration:
     """Weight scales at the points' widths, then activation ranges observed on the model with
     those weights quantized (as BRECQ / QDrop initialise them): call again after a bit plan
     changes weight widths, so the activation ranges follow."""
     acts = [p for p in points if p.kind == "activation"]
     observers = {p.tensor: RangeObserver(seed=i) for i, p in enumerate(acts)}
-    calibration = Calibration(mirror, observers, config)
+    calibration = Calibration(mirror, observers, scheme)
     weights = [p for p in points if p.kind == "weight"]  # the range search takes minutes on a model of GBs
     for point in progress_bar(progress, weights, desc="weight ranges", unit="weight", leave=False):
         quantizers[point.tensor].set_qparams(*calibration.qparams(point, point.spec.bits))

@@ -6,9 +6,25 @@ import logging
 import sys
 
 from . import __version__
-from .recon.blocks import GRANULARITIES
+from .context import RunOptions
 from .errors import QLimitError
-from .quant.bits import ACT_BITS, WEIGHT_BITS
+from .mixed.config import SOLVERS, GAConfig, MixedConfig, SensitivityConfig, Targets
+from .quant.config import (
+    ACT_OBSERVERS,
+    WEIGHT_OBSERVERS,
+    Placement,
+    QuantConfig,
+    Scheme,
+    Widths,
+)
+from .quant.widths import (
+    ACT_BITS,
+    DEFAULT_ABITS_CHOICES,
+    DEFAULT_WBITS_CHOICES,
+    WEIGHT_BITS,
+)
+from .recon.blocks import GRANULARITIES
+from .recon.config import LOSSES, METHODS, PRESETS, ReconConfig
 
 
 def _shape_arg(text: str) -> tuple[str, list[int]]:
@@ -56,8 +72,15 @@ def _positive(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, as every other refusal (`--help` still shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"onnxqlimit: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onnxqlimit", description="Post-training quantization of ONNX models (Q-Limit).")
+    parser = _Parser(prog="onnxqlimit", description="Post-training quantization of ONNX models (Q-Limit).")
     parser.add_argument("--version", action="version", version=f"onnxqlimit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for unexpected errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True, help="where to write the quantized model")
     q.add_argument("--calib", required=True, help=".npz keyed by input name, or a folder of images (with --preprocess)")
     q.add_argument("--preprocess", help="for image folders: 'size=H,W;mean=a,b,c;std=a,b,c;scale=255;layout=NCHW;color=RGB'")
-    q.add_argument("--wbits", type=int, default=8, help=f"weight bits, one of {_widths(WEIGHT_BITS)} (default 8)")
-    q.add_argument("--abits", type=int, default=8, help=f"activation bits, one of {_widths(ACT_BITS)} (default 8)")
+    q.add_argument("--wbits", type=int, default=8, choices=WEIGHT_BITS, metavar="W",
+                   help=f"weight bits, one of {_widths(WEIGHT_BITS)} (default 8)")
+    q.add_argument("--abits", type=int, default=8, choices=ACT_BITS, metavar="A",
+                   help=f"activation bits, one of {_widths(ACT_BITS)} (default 8)")
     m = q.add_argument_group("mixed precision (any --target-* runs the search; docs/mixed_precision.md)")
     m.add_argument("--target-size", type=_size_arg, metavar="SIZE", help="weight storage of the file, e.g. 600KB, 1.5MB")
     m.add_argument("--target-avg-wbits", type=float, metavar="BITS", help="parameter-weighted weight bits, e.g. 3.0")
@@ -102,11 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep this fraction of the float model's metric (agreement, or accuracy with --eval labels)")
     m.add_argument("--eval", dest="eval_data", metavar="DATA.npz",
                    help="data for --target-metric: model inputs and optionally 'labels' (default: the calibration data)")
-    m.add_argument("--wbits-choices", type=_widths_arg, default=(2, 3, 4, 8), metavar="W,W,...",
-                   help="weight widths to choose from (default 2,3,4,8)")
-    m.add_argument("--abits-choices", type=_widths_arg, default=(4, 8), metavar="A,A,...",
-                   help="activation widths to choose from (default 4,8)")
-    m.add_argument("--solver", default="milp", help="milp (exact, default) | ga (the paper's genetic algorithm)")
+    m.add_argument("--wbits-choices", type=_widths_arg, default=DEFAULT_WBITS_CHOICES, metavar="W,W,...",
+                   help=f"weight widths to choose from (default {_widths(DEFAULT_WBITS_CHOICES)})")
+    m.add_argument("--abits-choices", type=_widths_arg, default=DEFAULT_ABITS_CHOICES, metavar="A,A,...",
+                   help=f"activation widths to choose from (default {_widths(DEFAULT_ABITS_CHOICES)})")
+    m.add_argument("--solver", default="milp", choices=SOLVERS,
+                   help="milp (exact, default) | ga (the paper's genetic algorithm)")
     m.add_argument("--ga-population", type=_positive, default=64)
     m.add_argument("--ga-generations", type=_positive, default=200)
     m.add_argument("--ga-mutation", type=float, default=0.05, help="per-gene mutation probability (default 0.05)")
@@ -117,9 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--resume restores (default $ONNXQLIMIT_CACHE or ~/.cache/onnxqlimit)")
     m.add_argument("--save-plan", metavar="PLAN.json", help="write the bit plan used (node -> wbits/abits)")
     m.add_argument("--bits-plan", metavar="PLAN.json", help="quantize with this bit plan (e.g. an edited --save-plan)")
-    q.add_argument("--method", default="qdrop", help="rtn (round to nearest) | adaround (layer-wise) | brecq (block-wise) "
+    q.add_argument("--method", default="qdrop", choices=METHODS, help="rtn (round to nearest) | adaround (layer-wise) | brecq (block-wise) "
                    "| qdrop (block-wise with dropped activation quantization; default)")
-    q.add_argument("--preset", default="fast", help="fast (default: 500 iterations per block, batch 8, 256 samples) "
+    q.add_argument("--preset", default="fast", choices=list(PRESETS), help="fast (default: 500 iterations per block, batch 8, 256 samples) "
                    "| paper (20000, 32, 1024)")
     q.add_argument("--iters", type=_positive, help="reconstruction iterations per block (overrides the preset)")
     q.add_argument("--calib-size", type=_positive, help="calibration samples to use (overrides the preset)")
@@ -135,30 +161,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--compile", action="store_true",
                    help="torch.compile the fake-quantization kernel while tuning (needs a C++ compiler; "
                    "falls back to eager with one warning)")
-    q.add_argument("--granularity", default="block", help="reconstruction unit: layer | block (default) | stage | net")
+    q.add_argument("--granularity", default="block", choices=GRANULARITIES, help="reconstruction unit: layer | block (default) | stage | net")
     q.add_argument("--block-layers", type=_positive, default=6, help="most weight layers in one block (default 6)")
-    q.add_argument("--loss", default="mse", help="mse (default) | fisher (BRECQ's Fisher-diagonal weighting)")
-    q.add_argument("--drop-prob", type=float, default=0.5,
-                   help="QDrop: probability that an activation element is quantized while tuning (default 0.5)")
+    q.add_argument("--loss", default="mse", choices=LOSSES, help="mse (default) | fisher (BRECQ's Fisher-diagonal weighting)")
+    q.add_argument("--quant-prob", type=float, default=0.5,
+                   help="QDrop: probability that an activation element is quantized while tuning (default 0.5; "
+                   "1 turns QDrop off)")
     q.add_argument("--round-lambda", type=float, default=0.01,
                    help="AdaRound regulariser weight (default 0.01; 0.1 suits MobileNetV2-like nets)")
     q.add_argument("--cache-gb", type=float, default=8.0,
                    help="RAM for cached block inputs/outputs; the rest goes to temporary files (default 8)")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    q.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     q.add_argument("--threads", type=_positive, help="torch CPU threads (default: OMP_NUM_THREADS if set, else every core)")
     q.add_argument("--report", help="write a JSON report (per-node bits, scales, SQNR; sizes; parity)")
     q.add_argument("--plot", metavar="P.png", help="per-layer widths and output SQNR as a picture (needs matplotlib)")
     q.add_argument("--first-last-bits", default="8", help="bits of the first and last compute layers: 8 (default) or 'same'")
-    q.add_argument("--embedding-bits", type=int, default=8,
+    q.add_argument("--embedding-bits", type=int, default=8, choices=(0, *WEIGHT_BITS), metavar="W",
                    help="bits of tables read by Gather (embeddings), weight-only per row; 0 leaves them float (default 8)")
     q.add_argument("--smooth", type=float, metavar="ALPHA",
                    help="SmoothQuant: migrate activation outliers into MatMul/Gemm weights with strength ALPHA (0-1, e.g. 0.5)")
     q.add_argument("--exclude", action="append", default=[], metavar="NAME_OR_REGEX", help="leave matching nodes float (repeatable)")
     q.add_argument("--bits", default="", metavar="NAME_OR_REGEX=W/A,...", help="per-node bit overrides")
-    q.add_argument("--weight-init", choices=["mse", "minmax"], default="mse")
-    q.add_argument("--act-init", choices=["mse", "minmax", "percentile"], default="mse")
-    q.add_argument("--percentile", type=float, default=99.99)
+    q.add_argument("--weight-init", choices=WEIGHT_OBSERVERS, default="mse", help="weight range observer (default mse)")
+    q.add_argument("--act-init", choices=ACT_OBSERVERS, default="mse", help="activation range observer (default mse)")
+    q.add_argument("--percentile", type=float, default=99.99, help="for --act-init percentile (default 99.99)")
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default per output channel)")
     q.add_argument("--weight-asymmetric", action="store_true", help="unsigned weights with a zero point")
     q.add_argument("--act-symmetric", action="store_true", help="signed activations, zero point 0")
@@ -187,98 +214,59 @@ def parse_bit_overrides(text: str) -> tuple[tuple[str, int, int], ...]:
     return tuple(overrides)
 
 
-def _quantize(args: argparse.Namespace) -> int:
+def build_configs(args: argparse.Namespace) -> tuple[QuantConfig, RunOptions]:
+    """Every `quantize` flag into the one setting it owns."""
     import os
     from pathlib import Path
 
-    from .mixed.search import MixedConfig, Targets
-    from .mixed.sensitivity import SensitivityConfig
-    from .mixed.solvers import SOLVERS, GAConfig
-    from .quant.policy import QuantConfig
-    from .evaluate import OutputQuality, format_quality
-    from .quantize import RunOptions, quantize, write_report
-    from .recon import ReconConfig
-    from .report import format_block_table
-
-    if args.first_last_bits not in ("same",) and not args.first_last_bits.isdigit():
+    if args.first_last_bits != "same" and not args.first_last_bits.isdigit():
         raise QLimitError(f"--first-last-bits must be a bit width or 'same' (got {args.first_last_bits!r})")
     config = QuantConfig(
-        wbits=args.wbits, abits=args.abits, weight_symmetric=not args.weight_asymmetric,
-        weight_per_channel=not args.per_tensor, weight_init=args.weight_init, act_symmetric=args.act_symmetric,
-        act_init=args.act_init, percentile=args.percentile,
-        first_last_bits=None if args.first_last_bits == "same" else int(args.first_last_bits),
-        quantize_add=args.quantize_add, quantize_concat=args.quantize_concat,
-        quantize_act_matmul=args.quantize_attention, exclude=tuple(args.exclude),
-        overrides=parse_bit_overrides(args.bits), embedding_bits=args.embedding_bits or None,
+        Widths(wbits=args.wbits, abits=args.abits,
+               first_last_bits=None if args.first_last_bits == "same" else int(args.first_last_bits),
+               embedding_bits=args.embedding_bits or None, overrides=parse_bit_overrides(args.bits)),
+        Scheme(weight_symmetric=not args.weight_asymmetric, weight_per_channel=not args.per_tensor,
+               weight_init=args.weight_init, act_symmetric=args.act_symmetric, act_init=args.act_init,
+               percentile=args.percentile),
+        Placement(quantize_add=args.quantize_add, quantize_concat=args.quantize_concat,
+                  quantize_act_matmul=args.quantize_attention, exclude=tuple(args.exclude)),
         smooth=args.smooth)
-    recon = ReconConfig(granularity=args.granularity, max_layers=args.block_layers, loss=args.loss,
-                        drop_prob=args.drop_prob, round_lambda=args.round_lambda, cache_gb=args.cache_gb,
-                        early_stop=not args.no_early_stop, compile=args.compile,
-                        channels_last=not args.no_channels_last, tile=args.tile)
-    if args.solver not in SOLVERS:
-        raise QLimitError(f"--solver must be one of {', '.join(SOLVERS)} (got {args.solver!r})")
+    schedule = {name: value for name, value in (("iters", args.iters), ("calib_size", args.calib_size),
+                                                 ("batch_size", args.batch_size)) if value is not None}
+    if args.no_early_stop:
+        schedule["early_stop"] = False
+    recon = ReconConfig.preset(args.preset, method=args.method, granularity=args.granularity,
+                               max_layers=args.block_layers, loss=args.loss, quant_prob=args.quant_prob,
+                               round_lambda=args.round_lambda, cache_gb=args.cache_gb, compile=args.compile,
+                               channels_last=not args.no_channels_last, tile=args.tile, **schedule)
     targets = Targets(size_bytes=args.target_size, avg_wbits=args.target_avg_wbits,
                       bitops=args.target_bitops * 1e9 if args.target_bitops is not None else None,
                       latency_ms=args.target_latency, metric=args.target_metric)
-    work_dir = Path(args.work_dir or os.environ.get("ONNXQLIMIT_CACHE") or Path.home() / ".cache" / "onnxqlimit")
-    mixed = MixedConfig(targets, SensitivityConfig(args.wbits_choices, args.abits_choices, args.sens_samples,
-                                                   seed=args.seed), args.solver,
-                        GAConfig(args.ga_population, args.ga_generations, args.ga_mutation, args.ga_crossover,
-                                 seed=args.seed), work_dir)
-    options = RunOptions(method=args.method, preset=args.preset, calib_size=args.calib_size, batch_size=args.batch_size,
-                         iters=args.iters, recon=recon, seed=args.seed, device=args.device, threads=args.threads,
+    mixed = MixedConfig(targets, SensitivityConfig(args.wbits_choices, args.abits_choices, args.sens_samples),
+                        args.solver, GAConfig(args.ga_population, args.ga_generations, args.ga_mutation,
+                                              args.ga_crossover))
+    work_dir = args.work_dir or os.environ.get("ONNXQLIMIT_CACHE") or str(Path.home() / ".cache" / "onnxqlimit")
+    options = RunOptions(recon=recon, mixed=mixed, seed=args.seed, device=args.device, threads=args.threads,
                          simplify=not args.no_simplify, overwrite=args.overwrite, preprocess=args.preprocess,
-                         progress=not args.quiet,
-                         mixed=mixed, bits_plan=args.bits_plan, save_plan=args.save_plan, eval_data=args.eval_data,
-                         work_dir=str(work_dir), resume=args.resume)
-    result = quantize(args.model, args.output, args.calib, config, options)
-    r = result.report
-    sizes = r["size_bytes"]
-    mixed_result = r["mixed_precision"]
-    bits = "mixed" if mixed_result or args.bits_plan else f"W{args.wbits}A{args.abits}"
-    if mixed_result:
-        from .mixed.search import format_plan_rows
+                         progress=not args.quiet, bits_plan=args.bits_plan, save_plan=args.save_plan,
+                         eval_data=args.eval_data, work_dir=work_dir, resume=args.resume)
+    return config, options
 
-        print(format_plan_rows(r["plan"], {n["node"]: n["op"] for n in r["nodes"]}))
-        cached = " (sensitivities from the cache)" if mixed_result["sensitivity_cached"] else \
-            f" (sensitivities measured in {mixed_result['sensitivity_seconds']:.1f} s)"
-        print(f"mixed precision: {mixed_result['solver']} search in {mixed_result['seconds']:.1f} s{cached}, "
-              f"predicted loss increase {mixed_result['predicted_loss']:.4g}")
-    print(f"wrote {result.output_path}: {bits} ({args.method}), opset {r['opset']}, "
-          f"{r['quantizers']['weights']} weight and {r['quantizers']['activations']} activation quantizers")
-    c = r["costs"]
-    print(f"weights: {c['avg_wbits']:.3f} bits per parameter ({c['container_wbits']:.3f} as stored), "
-          f"weight storage {c['size_bytes'] / 1e3:.1f} KB, {c['bitops'] / 1e9:.4g} GBitOps per sample"
-          + (f", latency {c['latency_ms']:.3f} ms estimated / {c['measured_latency_ms']:.3f} ms measured"
-             if "latency_ms" in c else ""))
-    if r.get("metric") is not None:
-        print(f"metric on the exported file: {r['metric']:.4f} of float (target {args.target_metric})")
-    if args.save_plan:
-        print(f"plan: {args.save_plan}")
-    tuning = r["reconstruction"]
-    if tuning:
-        print(format_block_table(tuning["blocks"]))
-        print(f"reconstruction: {len(tuning['blocks'])} blocks, {tuning['samples']} samples, "
-              f"{tuning['seconds']:.1f} s ({tuning['gflops']:.1f} GFLOP/s while tuning), "
-              f"cache peak {tuning['peak_cache_mb']:.0f} MB{' (partly on disk)' if tuning['cache_on_disk'] else ''}, "
-              f"process peak {tuning['peak_rss_mb']:.0f} MB")
-    print(f"size: {sizes['float'] / 1e6:.2f} MB -> {sizes['quantized'] / 1e6:.2f} MB ({sizes['ratio']:.1%}); "
-          f"time {r['seconds']:.1f} s")
-    q = r["quality"]
-    if q is not None:
-        print(f"quality, {q.get('reference', 'float model')} vs this file in onnxruntime on {q['samples']} "
-              f"{'held-back samples' if q['held_back'] else 'calibration samples (none held back)'}: "
-              + format_quality([OutputQuality(**o) for o in q["outputs"]]))
-    print("parity, this file vs the tuned mirror (what was optimised is what ships; not a quality measure): "
-          + "; ".join(f"{p['output']} {p['within_one_step']:.2%} of values within one quantization step"
-                      for p in r["parity"]))
+
+def _quantize(args: argparse.Namespace) -> int:
+    from .pipeline import quantize
+    from .report import format_report
+
+    config, options = build_configs(args)
+    report = quantize(args.model, args.output, args.calib, config, options).report
+    print(format_report(report))
     if args.report:
-        write_report(r, args.report)
+        report.write(args.report)
         print(f"report: {args.report}")
     if args.plot:
         from .plot import plot_layers
 
-        plot_layers(r, args.plot)
+        plot_layers(report, args.plot)
         print(f"plot: {args.plot}")
     return 0
 
@@ -351,7 +339,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error already printed in one line
+        return done.code if isinstance(done.code, int) else 2
     logging.basicConfig(format="onnxqlimit: warning: %(message)s", level=logging.WARNING)
     try:
         return args.run(args)

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 
 from .errors import QLimitError
+from .mixed.config import EvalData
 
 _NP_TYPES = {
     onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
@@ -240,3 +241,13 @@ def _finite(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             raise QLimitError(f"calibration input '{name}' holds NaN or Inf (first at sample {bad[0]}, "
                               f"index {tuple(int(i) for i in bad)})")
     return feeds
+
+
+def load_eval_data(path: str, model: onnx.ModelProto) -> EvalData:
+    """`--eval DATA.npz`: model inputs by name, and optionally `labels` (one per sample)."""
+    feeds = conform(load_npz(path, [v.name for v in graph_inputs(model)]), model, f"{path}:")
+    with np.load(path, allow_pickle=False) as data:
+        labels = np.asarray(data["labels"]) if "labels" in data.files else None
+    if labels is not None and len(labels) != len(next(iter(feeds.values()))):
+        raise QLimitError(f"{path}: 'labels' must hold one label per sample")
+    return EvalData(feeds, labels)

@@ -17,6 +17,7 @@ import onnxruntime as ort
 import torch
 
 from .data import batches, fixed_batch_size
+from .errors import QLimitError
 from .mirror import Mirror
 from .weights import on_disk
 
@@ -35,6 +36,7 @@ QUANTIZED_MAX_MEAN_DIFF = 0.01
 # mirror's quantizer see the same float input: both divide in IEEE float32 and round half
 # to even, so this is exact in practice; a wrong scale, zero point or clamp moves most.
 MAX_INTEGER_FLIPS = 1e-4
+INTEGER_CHECK_SAMPLES = 2  # samples for check_integers: every activation of the model is held at once
 
 
 @dataclass
@@ -166,3 +168,17 @@ def check_integers(qmodel: Path, quantizers: Mapping, tensors: list[str],
             flipped += int((diff > 0).sum())
             beyond += int((diff > 1).sum())
     return IntegerParity(total, flipped / max(total, 1), beyond / max(total, 1))
+
+
+def check_file(path: Path, mirror: Mirror, state, feeds: Mapping[str, np.ndarray], fixed_batch: int | None,
+               batch_size: int) -> tuple[list[OutputParity], IntegerParity]:
+    """The written file in onnxruntime against the quantized mirror: outputs, and every
+    activation quantizer's integers; a file that fails is never moved into place."""
+    parity = check_mirror(str(path), mirror, feeds, batch_size=batch_size)
+    # A couple of samples: every activation of the model is held at once for this check.
+    acts = [p.tensor for p in state.points if p.kind == "activation"]
+    flips = check_integers(path, state.quantizers, acts, next(batches(feeds, fixed_batch or INTEGER_CHECK_SAMPLES)))
+    if not (all(r.ok_quantized for r in parity) and flips.ok):
+        raise QLimitError("exported model does not reproduce the quantized mirror in onnxruntime "
+                          f"({flips.flipped:.2%} of activation integers differ):\n" + format_parity(parity, quantized=True))
+    return parity, flips

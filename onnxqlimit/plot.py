@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import QLimitError
+from .report import Report
 
 
-def plot_layers(report: dict, path) -> None:
+def plot_layers(report: Report, path) -> None:
     try:
         import matplotlib
 
@@ -15,7 +16,7 @@ def plot_layers(report: dict, path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise QLimitError("--plot needs matplotlib: pip install 'onnxqlimit[plot]'") from None
-    nodes = [n for n in report["nodes"] if "weight" in n]
+    nodes = [n for n in report.nodes if "weight" in n]
     if not nodes:
         raise QLimitError("--plot: no quantized layers to plot")
     x = range(len(nodes))
@@ -30,7 +31,7 @@ def plot_layers(report: dict, path) -> None:
     bottom.plot(x, sqnr, marker=".", linewidth=1)
     bottom.set_ylabel("output SQNR vs float (dB)")
     bottom.set_xlabel("quantized layer, in graph order")
-    fig.suptitle(f"{Path(report['output']).name}: per-layer widths and SQNR")
+    fig.suptitle(f"{Path(report.output).name}: per-layer widths and SQNR")
     fig.tight_layout()
     fig.savefig(str(path), dpi=110)
     plt.close(fig)

@@ -13,6 +13,7 @@ from onnxqlimit.cli import main
 from onnxqlimit.errors import QLimitError
 from onnxqlimit.load import load_model
 from onnxqlimit.mirror import Mirror
+from onnxqlimit.recon import ReconConfig  # noqa: I001
 from tests.conftest import MODELS
 
 MODEL = MODELS / "zoo_resnet.onnx"  # input [batch, 3, 32, 32] float
@@ -47,7 +48,9 @@ CASES = [
     ("output under a file", ["-o", "{tmp}/ok.npz/q.onnx"], None, "cannot write there ("),
     ("output is a folder", ["-o", "{tmp}"], None, "is a folder; -o takes the path of the model file to write"),
     ("bad --preprocess", ["--preprocess", "size=32,32;bogus=1"], None, "--preprocess: unknown or malformed item"),
-    ("--wbits 1", ["--wbits", "1"], None, "wbits must be 2..8, got 1"),
+    ("--wbits 1", ["--wbits", "1"], None, "argument --wbits: invalid choice: 1 (choose from 2, 3, 4, 5, 6, 7, 8)"),
+    ("--method typo", ["--method", "qdorp"], None, "argument --method: invalid choice: 'qdorp'"),
+    ("missing value", ["--iters"], None, "argument --iters: expected one argument"),
 ]
 
 
@@ -71,10 +74,7 @@ def test_refused_in_one_line_with_nothing_written(case, tmp_path, capsys):
     before = hashlib.sha256(MODEL.read_bytes()).hexdigest()
     out = tmp_path / "q.onnx"
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    try:
-        code = main(["quantize", str(MODEL), "-o", str(out), "--calib", str(calib), "--method", "rtn", "--quiet", *argv])
-    except SystemExit as exc:  # argparse's own usage errors
-        code = exc.code
+    code = main(["quantize", str(MODEL), "-o", str(out), "--calib", str(calib), "--method", "rtn", "--quiet", *argv])
     assert code == 2
     err = capsys.readouterr().err
     assert message in err, err
@@ -99,19 +99,20 @@ def test_mirror_run_names_an_unknown_tensor():
 def test_a_nan_while_tuning_keeps_round_to_nearest_and_says_so(tmp_path, monkeypatch, caplog):
     """A block whose tuning ends in NaN is put back to round to nearest, named in a warning,
     and no NaN reaches the file."""
+    import sys
+
     import onnx
     from onnx import numpy_helper
 
-    import sys
-
-    from onnxqlimit.quantize import RunOptions, quantize
+    from onnxqlimit.pipeline import RunOptions, quantize
 
     recon_module = sys.modules["onnxqlimit.recon.reconstruct"]  # the package re-exports a function of that name
 
     original = recon_module.tune_block
 
-    def poisoned(runner, block, weights, tuned, config, bar):
-        stats = original(runner, block, weights, tuned, config, bar)
+    def poisoned(*args):
+        stats = original(*args)
+        block, tuned, runner = args[1], args[3], args[0]
         if block.index == 1:
             for point in tuned:
                 if point.kind == "activation":
@@ -120,9 +121,9 @@ def test_a_nan_while_tuning_keeps_round_to_nearest_and_says_so(tmp_path, monkeyp
 
     monkeypatch.setattr(recon_module, "tune_block", poisoned)
     out = tmp_path / "q.onnx"
-    report = quantize(MODEL, out, {"input": _images(16)}, options=RunOptions(iters=5, calib_size=16, progress=False)).report
+    report = quantize(MODEL, out, {"input": _images(16)}, options=RunOptions(recon=ReconConfig(iters=5, calib_size=16), progress=False)).report
     assert "block 2 (nodes" in caplog.text and "the loss became nan while tuning" in caplog.text
-    assert report["reconstruction"]["blocks"][1]["kept_rtn"]
+    assert report.reconstruction["blocks"][1]["kept_rtn"]
     for init in onnx.load(str(out)).graph.initializer:
         assert np.isfinite(numpy_helper.to_array(init).astype(np.float64)).all(), init.name
 

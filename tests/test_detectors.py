@@ -12,11 +12,13 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from onnxqlimit import QuantConfig
 from onnxqlimit.load import load_model
 from onnxqlimit.mirror import Mirror
-from onnxqlimit.quant.policy import QuantConfig, place
+from onnxqlimit.pipeline import RunOptions, quantize
+from onnxqlimit.quant.policy import place
 from onnxqlimit.quant.reach import last_layers
-from onnxqlimit.quantize import RunOptions, quantize
+from onnxqlimit.recon import ReconConfig  # noqa: I001
 from onnxqlimit.recon.blocks import find_blocks, weight_layers
 from tools.archs import YoloV8, export_onnx, fit_conv_scales, randomize_bn_stats
 
@@ -54,8 +56,8 @@ def test_placement_quantizes_compute_inputs_only_and_keeps_the_head_at_8_bits(yo
     model = load_model(yolo)
     producers = _producers(model)
     last = last_layers(Mirror(model), {"images": _images(1, 0)})  # one sample
-    assert place(model, QuantConfig(wbits=4, abits=4)) != place(model, QuantConfig(wbits=4, abits=4), last)
-    points = place(model, QuantConfig(wbits=4, abits=4), last)
+    assert place(model, QuantConfig.of(wbits=4, abits=4)) != place(model, QuantConfig.of(wbits=4, abits=4), last)
+    points = place(model, QuantConfig.of(wbits=4, abits=4), last)
     acts = {p.tensor: p for p in points if p.kind == "activation"}
     weights = {p.tensor: p for p in points if p.kind == "weight"}
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
@@ -80,7 +82,7 @@ def test_placement_quantizes_compute_inputs_only_and_keeps_the_head_at_8_bits(yo
 def test_graph_rule_alone_misses_the_class_heads(yolo):
     """Read off tensors, the decode's Concat/Split puts every head upstream of the DFL conv."""
     model = load_model(yolo)
-    weights = {p.tensor: p for p in place(model, QuantConfig(wbits=4, abits=4)) if p.kind == "weight"}
+    weights = {p.tensor: p for p in place(model, QuantConfig.of(wbits=4, abits=4)) if p.kind == "weight"}
     cls_heads = [n for n in model.graph.node if "/detect/cls." in n.name and n.name.endswith(".2/Conv")]
     assert all(weights[n.input[1]].spec.bits == 4 for n in cls_heads)
 
@@ -97,10 +99,9 @@ def test_blocks_cover_every_weight_layer_once(yolo):
 @pytest.mark.parametrize("bits", [(8, 8), (4, 4)])
 def test_qdrop_export_matches_and_runs_at_another_batch(yolo, tmp_path, bits):
     out = tmp_path / "q.onnx"
-    options = RunOptions(method="qdrop", iters=4, calib_size=8, batch_size=4, parity_samples=4, progress=False,
-                         device="cpu")
-    report = quantize(yolo, out, {"images": _images(8, 1)}, QuantConfig(wbits=bits[0], abits=bits[1]), options).report
-    assert min(r["within_one_step"] for r in report["parity"]) >= 0.99  # mirror vs onnxruntime
+    options = RunOptions(recon=ReconConfig(method="qdrop", iters=4, calib_size=8, batch_size=4), parity_samples=4, progress=False, device="cpu")
+    report = quantize(yolo, out, {"images": _images(8, 1)}, QuantConfig.of(wbits=bits[0], abits=bits[1]), options).report
+    assert min(r["within_one_step"] for r in report.parity) >= 0.99  # mirror vs onnxruntime
     x = _images(3, 2)  # calibrated at batch 8
     ref = ort.InferenceSession(str(yolo), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]

@@ -62,12 +62,10 @@ def test_plot_writes_a_png_of_widths_and_sqnr(tmp_path, capsys):
 def test_a_quality_measurement_that_fails_costs_its_line_not_the_run(tmp_path, capsys, monkeypatch, caplog):
     import sys
 
-    quantize_module = sys.modules["onnxqlimit.quantize"]  # the package re-exports a function of that name
-
     def broken(*args, **kwargs):
         raise RuntimeError("onnxruntime cannot run the float model")
 
-    monkeypatch.setattr(quantize_module, "_quality", broken)
+    monkeypatch.setattr(sys.modules["onnxqlimit.evaluate"], "compare", broken)
     out = tmp_path / "q.onnx"
     assert main(["quantize", str(MODEL), "-o", str(out), "--calib", str(CALIB), "--method", "rtn", "--quiet"]) == 0
     assert out.exists() and "quality, float model" not in capsys.readouterr().out

@@ -7,15 +7,16 @@ import onnx
 import pytest
 from onnx import TensorProto
 
+from onnxqlimit import QuantConfig
 from onnxqlimit.cli import main
 from onnxqlimit.parity import ort_session
-from onnxqlimit.quant.policy import QuantConfig
-from onnxqlimit.quantize import RunOptions, quantize
+from onnxqlimit.pipeline import RunOptions, quantize
+from onnxqlimit.recon import ReconConfig  # noqa: I001
 from tests.conftest import MODELS
 from tools.synthetic import paddle_text_image
 
 BITS = [(8, 8), (4, 4), (3, 3), (2, 4)]
-FAST = RunOptions(method="rtn", calib_size=16, batch_size=8, parity_samples=8, progress=False)
+FAST = RunOptions(recon=ReconConfig(method="rtn", calib_size=16, batch_size=8), parity_samples=8, progress=False)
 
 
 def zoo_calib(name: str) -> str:
@@ -24,8 +25,8 @@ def zoo_calib(name: str) -> str:
 
 def assert_parity_report(report: dict) -> None:
     # quantize() raises when parity is lost; check the numbers it reports too.
-    assert report["integer_parity"]["flipped"] <= 1e-4
-    for row in report["parity"]:
+    assert report.integer_parity["flipped"] <= 1e-4
+    for row in report.parity:
         assert row["mean_diff_over_range"] <= 0.01, row
 
 
@@ -38,7 +39,7 @@ def weight_types(path) -> dict[str, int]:
 @pytest.mark.parametrize("name", ["zoo_resnet", "zoo_mobilenetv2"])
 def test_zoo_parity_at_every_width(tmp_path, name, wbits, abits):
     out = tmp_path / "q.onnx"
-    result = quantize(MODELS / f"{name}.onnx", out, zoo_calib(name), QuantConfig(wbits=wbits, abits=abits), FAST)
+    result = quantize(MODELS / f"{name}.onnx", out, zoo_calib(name), QuantConfig.of(wbits=wbits, abits=abits), FAST)
     assert_parity_report(result.report)
     ort_session(str(out), optimize=True)  # loads with onnxruntime's default optimisations too
     expected = {2: TensorProto.INT2, 3: TensorProto.INT4, 4: TensorProto.INT4, 8: TensorProto.INT8}[wbits]
@@ -47,13 +48,13 @@ def test_zoo_parity_at_every_width(tmp_path, name, wbits, abits):
     # Sizes are whole files: on these 0.3 MB nets the tensor names (weights are named after
     # their node since issue 12, e.g. /features/features.4/conv/conv.0/conv.0.0/Conv.weight)
     # take ~4% of the file; the weights alone are a quarter / an eighth of float.
-    assert result.report["size_bytes"]["ratio"] < (0.37 if wbits == 8 else 0.28)
-    assert result.report["costs"]["size_bytes"] < (0.26 if wbits == 8 else 0.2) * result.report["size_bytes"]["float"]
+    assert result.report.size_bytes["ratio"] < (0.37 if wbits == 8 else 0.28)
+    assert result.report.costs["size_bytes"] < (0.26 if wbits == 8 else 0.2) * result.report.size_bytes["float"]
 
 
 def test_three_bit_weights_use_only_eight_levels(tmp_path):
     out = tmp_path / "q.onnx"
-    quantize(MODELS / "zoo_resnet.onnx", out, zoo_calib("zoo_resnet"), QuantConfig(wbits=3, abits=3), FAST)
+    quantize(MODELS / "zoo_resnet.onnx", out, zoo_calib("zoo_resnet"), QuantConfig.of(wbits=3, abits=3), FAST)
     model = onnx.load(str(out))
     values = np.concatenate([onnx.numpy_helper.to_array(t).astype(np.int64).ravel() for t in model.graph.initializer
                              if t.name.endswith("_quantized") and t.data_type == TensorProto.INT4])
@@ -67,7 +68,7 @@ def test_w8a8_within_one_point_of_float(tmp_path, name):
 
     entry = next(m for m in json.loads((MODELS / "zoo.json").read_text())["models"] if m["name"] == name)
     out = tmp_path / "q.onnx"
-    quantize(MODELS / f"{name}.onnx", out, zoo_calib(name), QuantConfig(wbits=8, abits=8), RunOptions(method="rtn", progress=False))
+    quantize(MODELS / f"{name}.onnx", out, zoo_calib(name), QuantConfig.of(wbits=8, abits=8), RunOptions(recon=ReconConfig(method="rtn"), progress=False))
     val = np.load(MODELS / f"{name}_val.npz")
     session = ort_session(str(out), optimize=True)
     logits = np.concatenate([session.run(None, {"input": val["input"][i:i + 500]})[0] for i in range(0, len(val["label"]), 500)])
@@ -84,7 +85,7 @@ def test_ppocr_parity(tmp_path, ppocr, name, wbits, abits):
     shape = PPOCR_SHAPES[name]
     calib = {"x": paddle_text_image(shape[0], *shape[2:], seed=1)}
     out = tmp_path / "q.onnx"
-    result = quantize(ppocr[name], out, calib, QuantConfig(wbits=wbits, abits=abits), FAST)
+    result = quantize(ppocr[name], out, calib, QuantConfig.of(wbits=wbits, abits=abits), FAST)
     assert_parity_report(result.report)
     if name == "rec":  # the character dictionary must survive into the quantized file
         assert "character" in {p.key for p in onnx.load(str(out)).metadata_props}
@@ -108,8 +109,8 @@ def test_torch_model_parity(tmp_path, torch_models, name, wbits, abits):
                  "token_type_ids": np.zeros((8, 24), np.int64)}
     else:
         calib = {"input": rng.standard_normal((4, 3, 224, 224)).astype(np.float32)}
-    result = quantize(torch_models[name], tmp_path / "q.onnx", calib, QuantConfig(wbits=wbits, abits=abits),
-                      RunOptions(method="rtn", calib_size=8, batch_size=4, parity_samples=4, progress=False))
+    result = quantize(torch_models[name], tmp_path / "q.onnx", calib, QuantConfig.of(wbits=wbits, abits=abits),
+                      RunOptions(recon=ReconConfig(method="rtn", calib_size=8, batch_size=4), parity_samples=4, progress=False))
     assert_parity_report(result.report)
 
 
@@ -147,17 +148,17 @@ def test_image_folder_calibration_via_cli(tmp_path, capsys):
 def test_exclude_and_bit_overrides_reach_the_report(tmp_path):
     model = onnx.load(str(MODELS / "zoo_resnet.onnx"))
     convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
-    config = QuantConfig(wbits=4, abits=4, exclude=(convs[3],), overrides=((convs[5], 6, 6),))
+    config = QuantConfig.of(wbits=4, abits=4, exclude=(convs[3],), overrides=((convs[5], 6, 6),))
     report = quantize(MODELS / "zoo_resnet.onnx", tmp_path / "q.onnx", zoo_calib("zoo_resnet"), config, FAST).report
-    by_node = {n["node"]: n for n in report["nodes"]}
+    by_node = {n["node"]: n for n in report.nodes}
     assert convs[3] not in by_node
     assert by_node[convs[5]]["weight"]["bits"] == 6
     assert by_node[convs[0]]["weight"]["bits"] == 8  # first layer kept at 8 bits
-    assert all("output_sqnr_db" in n for n in report["nodes"])
+    assert all("output_sqnr_db" in n for n in report.nodes)
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--wbits", "9"], "wbits must be"),
+    (["--wbits", "9"], "argument --wbits: invalid choice: 9"),
     (["--bits", "conv=4"], "--bits"),
     (["--bits", "conv=4/12"], "abits must be"),
     (["--exclude", "("], "bad node pattern"),
@@ -167,7 +168,7 @@ def test_exclude_and_bit_overrides_reach_the_report(tmp_path):
     (["--preset", "huge"], "--preset"),
     (["--loss", "l1"], "--loss"),
     (["--granularity", "module"], "--granularity"),
-    (["--drop-prob", "0"], "--drop-prob"),
+    (["--quant-prob", "0"], "--quant-prob"),
     (["--tile", "3"], "--tile"),
     (["--calib", "/nonexistent.npz"], "no such data file"),
     (["--preprocess", "size=1"], None),
@@ -204,8 +205,8 @@ def test_a_model_calibrated_at_one_image_size_runs_at_others(tmp_path):
     onnx.save(model, str(src))
     rng = np.random.default_rng(0)
     calib = {"x": rng.uniform(0, 1, (16, 3, 16, 16)).astype(np.float32)}
-    quantize(src, tmp_path / "q.onnx", calib, QuantConfig(wbits=8, abits=8),
-             RunOptions(method="qdrop", iters=10, calib_size=16, batch_size=8, parity_samples=4, progress=False))
+    quantize(src, tmp_path / "q.onnx", calib, QuantConfig.of(wbits=8, abits=8),
+             RunOptions(recon=ReconConfig(method="qdrop", iters=10, calib_size=16, batch_size=8), parity_samples=4, progress=False))
     float_sess, quant_sess = ort_session(str(src)), ort_session(str(tmp_path / "q.onnx"))
     assert [d.dim_param for d in onnx.load(str(tmp_path / "q.onnx")).graph.input[0].type.tensor_type.shape.dim] \
         == ["batch", "", "height", "width"]

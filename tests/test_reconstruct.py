@@ -5,23 +5,19 @@ import numpy as np
 import pytest
 import torch
 
-from onnxqlimit.recon.block_cache import BatchLayout, TensorCache, probe_layout
-from onnxqlimit.calibrate import attach_quantizers, calibrate
-from onnxqlimit.data import batches, calibration_feeds
+from onnxqlimit import QuantConfig
 from onnxqlimit.errors import QLimitError
-from onnxqlimit.recon.fisher import task_loss
-from onnxqlimit.load import LoadConfig, load_model
-from onnxqlimit.mirror import Mirror
 from onnxqlimit.parity import ort_session
+from onnxqlimit.pipeline import RunOptions, place_and_calibrate, prepare, quantize
 from onnxqlimit.quant.adaround import AdaRoundQuantize
 from onnxqlimit.quant.fake_quant import FakeQuantize, QuantSpec
-from onnxqlimit.quant.policy import QuantConfig, place
-from onnxqlimit.state import QuantState
-from onnxqlimit.quantize import RunOptions, quantize
 from onnxqlimit.recon import ReconConfig, reconstruct
+from onnxqlimit.recon.block_cache import BatchLayout, TensorCache, probe_layout
+from onnxqlimit.recon.fisher import task_loss
 from tests.conftest import MODELS
 
-TINY = {"calib_size": 64, "batch_size": 16, "parity_samples": 8, "progress": False}
+TINY_RECON = {"calib_size": 64, "batch_size": 16}
+TINY = {"parity_samples": 8, "progress": False}
 
 
 def _weight_quantizer(weight: torch.Tensor, bits: int = 4) -> FakeQuantize:
@@ -140,15 +136,10 @@ def test_task_loss_picks_kl_for_probabilities_and_logits_and_squares_otherwise()
 
 
 def _calibrated(name: str, wbits: int, abits: int, samples: int = 64):
-    model = load_model(str(MODELS / f"{name}.onnx"), LoadConfig(min_opset=21))
-    mirror = Mirror(model)
-    feeds = calibration_feeds(str(MODELS / f"{name}_calib.npz"), mirror.input_names, samples)
-    config = QuantConfig(wbits=wbits, abits=abits)
-    points = place(model, config)
-    quantizers = attach_quantizers(mirror, points)
-    state = QuantState(points, quantizers, calibrate(mirror, points, quantizers, list(batches(feeds, 16)), config,
-                                                     progress=False))
-    return model, mirror, state, feeds
+    """The zoo model placed and calibrated by the pipeline's own first stages."""
+    ctx = prepare(str(MODELS / f"{name}.onnx"), str(MODELS / f"{name}_calib.npz"), QuantConfig.of(wbits=wbits, abits=abits),
+                  RunOptions(recon=ReconConfig(calib_size=samples, batch_size=16), progress=False, device="cpu"))
+    return ctx.model, ctx.mirror, place_and_calibrate(ctx), ctx.feeds
 
 
 def test_reconstruction_lowers_the_block_loss_and_leaves_no_dropping_behind(monkeypatch):
@@ -157,15 +148,15 @@ def test_reconstruction_lowers_the_block_loss_and_leaves_no_dropping_behind(monk
     original = FakeQuantize.forward
 
     def spy(self, x):
-        seen.add(self.drop_prob)
+        seen.add(self.quant_prob)
         return original(self, x)
 
     monkeypatch.setattr(FakeQuantize, "forward", spy)
     result = reconstruct(mirror, model, state, feeds,
-                         ReconConfig(method="qdrop", iters=120, batch_size=16, lr_round=1e-2, progress=False))
+                         ReconConfig(method="qdrop", iters=120, batch_size=16, lr_round=1e-2), progress=False)
     monkeypatch.undo()
     assert 0.5 in seen and None in seen  # mixing on while tuning, off for the caches and targets
-    assert all(q.drop_prob is None and not q.scale.requires_grad for q in state.quantizers.values())
+    assert all(q.quant_prob is None and not q.scale.requires_grad for q in state.quantizers.values())
     assert any(isinstance(q, AdaRoundQuantize) and q.hard for q in state.quantizers.values())
     before = sum(b.loss_before for b in result.blocks)
     after = sum(b.loss_after for b in result.blocks)
@@ -188,13 +179,14 @@ def _top1(path, name: str) -> float:
 
 def test_qdrop_beats_rtn_end_to_end_with_export_parity(tmp_path):
     """W2A4 on the zoo ResNet, fixed seed, fast settings: the shipped file must be better."""
-    config = QuantConfig(wbits=2, abits=4)
+    config = QuantConfig.of(wbits=2, abits=4)
     calib = str(MODELS / "zoo_resnet_calib.npz")
-    quantize(MODELS / "zoo_resnet.onnx", tmp_path / "rtn.onnx", calib, config, RunOptions(method="rtn", **TINY))
+    quantize(MODELS / "zoo_resnet.onnx", tmp_path / "rtn.onnx", calib, config,
+             RunOptions(recon=ReconConfig(method="rtn", **TINY_RECON), **TINY))
     qdrop = quantize(MODELS / "zoo_resnet.onnx", tmp_path / "qdrop.onnx", calib, config,
-                     RunOptions(method="qdrop", iters=150, **TINY))
-    assert qdrop.report["integer_parity"]["flipped"] <= 1e-4  # quantize() also refuses to write without parity
-    assert qdrop.report["reconstruction"]["blocks"]
+                     RunOptions(recon=ReconConfig(method="qdrop", iters=150, **TINY_RECON), **TINY))
+    assert qdrop.report.integer_parity["flipped"] <= 1e-4  # quantize() also refuses to write without parity
+    assert qdrop.report.reconstruction["blocks"]
     rtn_top1, qdrop_top1 = _top1(tmp_path / "rtn.onnx", "zoo_resnet"), _top1(tmp_path / "qdrop.onnx", "zoo_resnet")
     assert qdrop_top1 > rtn_top1 + 15, (rtn_top1, qdrop_top1)
 
@@ -202,9 +194,10 @@ def test_qdrop_beats_rtn_end_to_end_with_export_parity(tmp_path):
 @pytest.mark.parametrize("method,extra", [("brecq", {}), ("adaround", {}), ("qdrop", {"loss": "fisher"})])
 def test_every_method_exports_with_parity(tmp_path, method, extra):
     result = quantize(MODELS / "zoo_mobilenetv2.onnx", tmp_path / "q.onnx", str(MODELS / "zoo_mobilenetv2_calib.npz"),
-                      QuantConfig(wbits=4, abits=4), RunOptions(method=method, iters=20, recon=ReconConfig(**extra), **TINY))
-    assert result.report["integer_parity"]["flipped"] <= 1e-4
-    blocks = result.report["reconstruction"]["blocks"]
+                      QuantConfig.of(wbits=4, abits=4),
+                      RunOptions(recon=ReconConfig(method=method, iters=20, **TINY_RECON, **extra), **TINY))
+    assert result.report.integer_parity["flipped"] <= 1e-4
+    blocks = result.report.reconstruction["blocks"]
     if method == "adaround":
         assert all(b["layers"] <= 1 for b in blocks)
     else:
@@ -213,7 +206,7 @@ def test_every_method_exports_with_parity(tmp_path, method, extra):
 
 @pytest.mark.parametrize("field,value,message", [
     ("method", "magic", "--method"), ("loss", "l1", "--loss"), ("granularity", "module", "granularit"),
-    ("drop_prob", 0.0, "--drop-prob"), ("tile", -1, "--tile")])
+    ("quant_prob", 0.0, "--quant-prob"), ("tile", -1, "--tile")])
 def test_bad_reconstruction_settings_are_refused(field, value, message):
     with pytest.raises(QLimitError, match=message):
         ReconConfig(**{field: value})
@@ -222,8 +215,7 @@ def test_bad_reconstruction_settings_are_refused(field, value, message):
 def test_same_seed_same_rounding_even_after_other_runs():
     def run():
         model, mirror, state, feeds = _calibrated("zoo_resnet", 4, 4, samples=32)
-        reconstruct(mirror, model, state, feeds,
-                    ReconConfig(method="qdrop", iters=15, batch_size=8, progress=False))
+        reconstruct(mirror, model, state, feeds, ReconConfig(method="qdrop", iters=15, batch_size=8), progress=False)
         return {name: q.quantize(mirror.initializer(name)) for name, q in state.quantizers.items()
                 if isinstance(q, AdaRoundQuantize)}
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+from onnxqlimit.recon import ReconConfig  # noqa: I001
 from tests.conftest import MODELS, ROOT
 
 MODEL, CALIB = MODELS / "zoo_resnet.onnx", MODELS / "zoo_resnet_calib.npz"
@@ -68,13 +69,12 @@ def test_same_run_after_other_runs_in_one_process_gives_the_same_bytes(tmp_path)
     """Determinism does not depend on what ran before in the process (mask pools, seeds)."""
     import numpy as np
 
-    from onnxqlimit.quant.policy import QuantConfig
-    from onnxqlimit.quantize import RunOptions, quantize
+    from onnxqlimit import QuantConfig
+    from onnxqlimit.pipeline import RunOptions, quantize
 
     calib = {"input": np.load(CALIB)["input"][:32]}
-    options = RunOptions(iters=20, calib_size=32, progress=False, threads=1)
-    quantize(MODEL, tmp_path / "a.onnx", calib, QuantConfig(wbits=4, abits=4), options)
-    quantize(MODEL, tmp_path / "other.onnx", calib, QuantConfig(wbits=3, abits=8), RunOptions(iters=30, seed=7,
-                                                                                             progress=False))
-    quantize(MODEL, tmp_path / "b.onnx", calib, QuantConfig(wbits=4, abits=4), options)
+    options = RunOptions(recon=ReconConfig(iters=20, calib_size=32), progress=False, threads=1)
+    quantize(MODEL, tmp_path / "a.onnx", calib, QuantConfig.of(wbits=4, abits=4), options)
+    quantize(MODEL, tmp_path / "other.onnx", calib, QuantConfig.of(wbits=3, abits=8), RunOptions(recon=ReconConfig(iters=30), seed=7, progress=False))
+    quantize(MODEL, tmp_path / "b.onnx", calib, QuantConfig.of(wbits=4, abits=4), options)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()

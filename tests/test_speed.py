@@ -28,9 +28,9 @@ def integers(state) -> dict[str, torch.Tensor]:
     return found
 
 
-def tuned(config: ReconConfig, wbits: int = 4, abits: int = 4, name: str = "zoo_resnet"):
+def tuned(config: ReconConfig, wbits: int = 4, abits: int = 4, name: str = "zoo_resnet", seed: int = 0):
     model, mirror, state, feeds = _calibrated(name, wbits, abits, samples=32)
-    result = reconstruct(mirror, model, state, feeds, config)
+    result = reconstruct(mirror, model, state, feeds, config, seed, progress=False)
     return result, state
 
 
@@ -83,7 +83,7 @@ def test_lsq_gradient_matches_torchs_learnable_fake_quant():
 
 
 def test_early_stopping_shortens_blocks_and_is_never_worse_than_round_to_nearest():
-    result, _ = tuned(ReconConfig(iters=300, batch_size=8, lr_round=1e-2, progress=False))
+    result, _ = tuned(ReconConfig(iters=300, batch_size=8, lr_round=1e-2))
     blocks = [b for b in result.blocks if b.iters]
     assert any(b.stopped_early and b.iters < 300 for b in blocks)
     assert all(b.loss_after <= b.loss_before for b in result.blocks)
@@ -104,7 +104,7 @@ def test_a_block_that_tuning_makes_worse_keeps_round_to_nearest(monkeypatch):
     model, mirror, state, feeds = _calibrated("zoo_resnet", 4, 8, samples=32)
     nearest = {n: q.quantize(mirror.initializer(n)).clone() for n, q in state.quantizers.items()
                if n in mirror.initializer_names}
-    result = reconstruct(mirror, model, state, feeds, ReconConfig(iters=20, batch_size=8, progress=False))
+    result = reconstruct(mirror, model, state, feeds, ReconConfig(iters=20, batch_size=8), progress=False)
     kept = [b for b in result.blocks if b.kept_rtn]
     assert kept and all(b.loss_after == b.loss_before for b in kept)
     assert all(b.loss_after <= b.loss_before for b in result.blocks)
@@ -127,12 +127,12 @@ def test_small_blocks_tune_on_one_thread_and_the_count_is_restored(monkeypatch):
     try:
         monkeypatch.setattr(tune_module, "SMALL_BLOCK_FLOP", float("inf"))  # every block counts as small
         monkeypatch.setattr(tune_module, "SMALL_BLOCK_ELEMENTS", float("inf"))
-        result, _ = tuned(ReconConfig(iters=6, batch_size=8, progress=False, early_stop=False))
+        result, _ = tuned(ReconConfig(iters=6, batch_size=8, early_stop=False))
         assert all(b.threads == 1 for b in result.blocks if b.iters) and 1 in seen
         assert torch.get_num_threads() == 2
         seen.clear()
         monkeypatch.setattr(tune_module, "SMALL_BLOCK_FLOP", 0.0)  # none is
-        result, _ = tuned(ReconConfig(iters=6, batch_size=8, progress=False, early_stop=False))
+        result, _ = tuned(ReconConfig(iters=6, batch_size=8, early_stop=False))
         assert all(b.threads == 2 for b in result.blocks if b.iters) and set(seen) == {2}
     finally:
         torch.set_num_threads(before)
@@ -144,9 +144,9 @@ def test_small_blocks_tune_on_one_thread_and_the_count_is_restored(monkeypatch):
 def test_a_fixed_seed_gives_the_same_integers_with_each_speed_option(options, monkeypatch):
     if options.get("channels_last"):  # the test net's blocks are small: make them count as large
         monkeypatch.setattr(tune_module, "SMALL_BLOCK_FLOP", 0.0)
-    config = ReconConfig(iters=60, batch_size=8, progress=False, seed=3, **options)
-    first = integers(tuned(config)[1])
-    second = integers(tuned(config)[1])
+    config = ReconConfig(iters=60, batch_size=8, **options)
+    first = integers(tuned(config, seed=3)[1])
+    second = integers(tuned(config, seed=3)[1])
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
 
@@ -158,7 +158,7 @@ def test_convolutional_blocks_tune_channels_last_with_the_same_values(monkeypatc
     chosen = [tune_module.wants_channels_last(b, mirror.nodes) for b in blocks]
     head = [any(mirror.nodes[i].op_type in ("Flatten", "Gemm", "Reshape") for i in b.node_range) for b in blocks]
     assert any(chosen) and not any(c and h for c, h in zip(chosen, head))
-    result = reconstruct(mirror, model, state, feeds, ReconConfig(iters=4, batch_size=8, progress=False))
+    result = reconstruct(mirror, model, state, feeds, ReconConfig(iters=4, batch_size=8), progress=False)
     assert [b.channels_last for b in result.blocks if b.iters] == [c for c, b in zip(chosen, result.blocks) if b.iters]
 
     x = torch.randn(4, 8, 6, 5)
@@ -187,7 +187,7 @@ def test_the_compiled_kernel_is_off_by_default_and_runs_where_available():
     if not fake_quant.compile_kernel(True):
         pytest.skip("torch.compile is not available on this machine")
     fake_quant.compile_kernel(False)
-    result, state = tuned(ReconConfig(iters=20, batch_size=8, progress=False, early_stop=False, compile=True))
+    result, state = tuned(ReconConfig(iters=20, batch_size=8, early_stop=False, compile=True))
     assert result.compiled and fake_quant._kernel is fake_quant_mix  # switched back afterwards
     ints = [v for k, v in integers(state).items() if k.endswith(":int")]
     assert ints and all(torch.equal(t, t.round()) and t.abs().max() <= 128 for t in ints)
@@ -195,15 +195,15 @@ def test_the_compiled_kernel_is_off_by_default_and_runs_where_available():
 
 def test_local_blocks_on_large_maps_tune_on_tiles_against_float_tiles():
     model, mirror, state, feeds = _calibrated("zoo_resnet", 4, 4, samples=16)
-    config = ReconConfig(iters=40, batch_size=8, progress=False, tile=8)  # 32x32 inputs: 8x8 tiles
-    result = reconstruct(mirror, model, state, feeds, config)
+    config = ReconConfig(iters=40, batch_size=8, tile=8)  # 32x32 inputs: 8x8 tiles
+    result = reconstruct(mirror, model, state, feeds, config, progress=False)
     tiled = [b for b in result.blocks if b.tile]
     assert tiled and all(b.tile == (8, 8) for b in tiled)
     assert all(b.loss_after <= b.loss_before for b in result.blocks)
     blocks = find_blocks(model)
     for b in tiled:  # no reshape, flatten or matmul in a tiled block
         assert not {mirror.nodes[i].op_type for i in blocks[b.index].node_range} & {"Flatten", "Gemm", "Reshape", "MatMul"}
-    off, _ = tuned(ReconConfig(iters=4, batch_size=8, progress=False, tile=0))
+    off, _ = tuned(ReconConfig(iters=4, batch_size=8, tile=0))
     assert not any(b.tile for b in off.blocks)
 
 
@@ -222,5 +222,5 @@ def test_a_whole_map_tile_gives_the_cached_float_outputs(monkeypatch):
         return original(runner, block, weights, index, tile)
 
     monkeypatch.setattr(tune_module.BlockRunner, "float_outputs", check)
-    tuned(ReconConfig(iters=2, batch_size=4, progress=False, tile=8))
+    tuned(ReconConfig(iters=2, batch_size=4, tile=8))
     assert seen

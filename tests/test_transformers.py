@@ -9,8 +9,10 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from onnxqlimit.quant.policy import QuantConfig, place
-from onnxqlimit.quantize import RunOptions, quantize
+from onnxqlimit import QuantConfig
+from onnxqlimit.pipeline import RunOptions, quantize
+from onnxqlimit.quant.policy import place
+from onnxqlimit.recon import ReconConfig  # noqa: I001
 from tools.archs import BertEncoder, export_onnx
 
 NAMES = ["input_ids", "attention_mask", "token_type_ids"]
@@ -34,8 +36,7 @@ def encoder(tmp_path_factory):
 
 def _quantize(encoder, tmp_path, config: QuantConfig, method="rtn", name="q.onnx"):
     calib = token_feeds(np.random.default_rng(1), 16, 12)
-    options = RunOptions(method=method, iters=10, calib_size=16, batch_size=8, parity_samples=4, progress=False,
-                         device="cpu")
+    options = RunOptions(recon=ReconConfig(method=method, iters=10, calib_size=16, batch_size=8), parity_samples=4, progress=False, device="cpu")
     quantize(encoder, tmp_path / name, calib, config, options)
     return onnx.load(str(tmp_path / name))
 
@@ -54,18 +55,18 @@ def test_embedding_tables_are_weight_only_per_row_and_never_tuned(encoder):
     tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather"
               and n.input[0] in {t.name for t in model.graph.initializer}}
     assert len(tables) >= 2  # word and position embeddings (token types may fold into a constant)
-    points = {p.tensor: p for p in place(model, QuantConfig(wbits=4, abits=4))}
+    points = {p.tensor: p for p in place(model, QuantConfig.of(wbits=4, abits=4))}
     for name in tables:
         point = points[name]
         assert point.kind == "weight" and point.table and point.fixed
         assert point.spec.bits == 8 and point.spec.channel_axis == 0  # one scale per row
-    assert not tables & {p.tensor for p in place(model, QuantConfig(embedding_bits=None))}
-    assert {p.spec.bits for p in place(model, QuantConfig(embedding_bits=4)) if p.table} == {4}
+    assert not tables & {p.tensor for p in place(model, QuantConfig.of(embedding_bits=None))}
+    assert {p.spec.bits for p in place(model, QuantConfig.of(embedding_bits=4)) if p.table} == {4}
 
 
 @pytest.mark.parametrize("bits,dtype", [(8, "int8"), (4, "int4")])
 def test_exported_tables_are_rounded_rows_and_run_at_other_shapes(encoder, tmp_path, bits, dtype):
-    model = _quantize(encoder, tmp_path, QuantConfig(wbits=8, abits=8, embedding_bits=bits), method="qdrop")
+    model = _quantize(encoder, tmp_path, QuantConfig.of(wbits=8, abits=8, embedding_bits=bits), method="qdrop")
     ints, scale, dq = _word_table_dq(model)
     assert ints.shape[0] == scale.shape[0] and scale.ndim == 1 and str(ints.dtype) == dtype  # per row
     assert next(a.i for a in dq.attribute if a.name == "axis") == 0
@@ -86,12 +87,12 @@ def test_exported_tables_are_rounded_rows_and_run_at_other_shapes(encoder, tmp_p
 
 
 def test_tables_shrink_the_file_and_stay_out_of_average_weight_bits(encoder, tmp_path):
-    options = RunOptions(method="rtn", calib_size=16, batch_size=8, parity_samples=4, progress=False, device="cpu")
+    options = RunOptions(recon=ReconConfig(method="rtn", calib_size=16, batch_size=8), parity_samples=4, progress=False, device="cpu")
     calib = token_feeds(np.random.default_rng(1), 16, 12)
     costs = {}
     for bits in (None, 8):
-        config = QuantConfig(wbits=4, abits=8, first_last_bits=None, embedding_bits=bits)
-        costs[bits] = quantize(encoder, tmp_path / f"q{bits}.onnx", calib, config, options).report["costs"]
+        config = QuantConfig.of(wbits=4, abits=8, first_last_bits=None, embedding_bits=bits)
+        costs[bits] = quantize(encoder, tmp_path / f"q{bits}.onnx", calib, config, options).report.costs
     assert costs[8]["size_bytes"] < 0.6 * costs[None]["size_bytes"]  # the word table is most of this encoder
     assert costs[8]["avg_wbits"] == costs[None]["avg_wbits"] == 4.0  # 8-bit tables do not count as layer bits
 
@@ -119,10 +120,10 @@ def test_smoothing_keeps_the_float_function_and_flattens_what_is_quantized(encod
 
 
 def test_a_smoothed_quantized_encoder_keeps_parity_and_smooth_is_validated(encoder, tmp_path):
-    _quantize(encoder, tmp_path, QuantConfig(wbits=8, abits=8, smooth=0.8), method="qdrop")  # raises on lost parity
+    _quantize(encoder, tmp_path, QuantConfig.of(wbits=8, abits=8, smooth=0.8), method="qdrop")  # raises on lost parity
     assert any(n.name.endswith("_Smooth") for n in onnx.load(str(tmp_path / "q.onnx")).graph.node)
     from onnxqlimit.errors import QLimitError
 
     for bad in (0.0, 1.0, -0.5):
         with pytest.raises(QLimitError, match="--smooth"):
-            QuantConfig(smooth=bad)
+            QuantConfig.of(smooth=bad)

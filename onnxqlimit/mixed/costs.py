@@ -23,16 +23,15 @@ import numpy as np
 import onnx
 import torch
 
-from ..calibrate import set_enabled
-from ..export import activation_storage_bytes, stored_bytes, weight_storage_bytes
 from ..mirror import Mirror
+from ..qdq import activation_storage_bytes, weight_storage_bytes
 from ..quant.bits import BitPlan
+from ..quant.fake_quant import FakeQuantize, quantizers_disabled
 from ..quant.policy import COMPUTE_OPS, QuantPoint
-from ..quant.fake_quant import FakeQuantize
+from ..quant.widths import container_bits, stored_bytes
 from ..weights import array as tensor_array
 
 FLOAT_BITS = 32
-BUDGETS = ("size_bytes", "avg_wbits", "bitops", "latency_ms")
 
 
 @dataclass
@@ -96,10 +95,10 @@ class CostModel:
         bits = plan.bits if isinstance(plan, BitPlan) else plan
         layers = self.layer_numel
         weight_bits = sum(n * bits[t] for t, n in layers.items())
-        container_bits = sum(n * (4 if bits[t] == 3 else 8 if bits[t] > 4 else bits[t]) for t, n in layers.items())
+        stored_wbits = sum(n * container_bits(bits[t]) for t, n in layers.items())
         params = max(1, sum(layers.values()))
         costs = {"size_bytes": self.base_bytes + sum(self.storage(t, bits[t]) for t in self.points),
-                 "avg_wbits": weight_bits / params, "container_wbits": container_bits / params,
+                 "avg_wbits": weight_bits / params, "container_wbits": stored_wbits / params,
                  "bitops": sum(self.node_bitops(n, bits) for n in self.nodes)}
         if self.latency is not None:
             costs["latency_ms"] = self.latency["base_ms"] + sum(self.node_latency(n, bits) for n in self.nodes)
@@ -110,12 +109,8 @@ def _node_costs(mirror: Mirror, points: Mapping[str, QuantPoint], quantizers, sa
     """MACs per sample of every compute node, from one float run on a single sample."""
     compute = [n for n in mirror.nodes if n.op_type in COMPUTE_OPS]
     wanted = list(dict.fromkeys(t for n in compute for t in (*n.inputs[:2], n.outputs[0]) if t))
-    set_enabled(quantizers, False)
-    try:
-        with torch.no_grad():
-            env = mirror.execute(mirror.initial_env({k: v[:1] for k, v in sample.items()}), keep=wanted)
-    finally:
-        set_enabled(quantizers, True)
+    with torch.no_grad(), quantizers_disabled(quantizers):
+        env = mirror.execute(mirror.initial_env({k: v[:1] for k, v in sample.items()}), keep=wanted)
     shapes = {t: tuple(env[t].shape) for t in wanted if t in env}
     costs = []
     for node in compute:

@@ -3,7 +3,7 @@
 Every compute node (Conv, ConvTranspose, Gemm, MatMul) is cut out as a one-node ONNX
 model fed with its real input tensors (one calibration sample), and timed in onnxruntime
 as float and once per (wbits, abits) pair, with Q/DQ written by the exporter itself
-(`export._insert_weight` / `export._insert_activation`), so the timed graph is the one a
+(`qdq.insert_weight` / `qdq.insert_activation`), so the timed graph is the one a
 real export would contain around that node: integer weights -> DequantizeLinear,
 activation inputs Q -> DQ, and the node's output Q -> DQ (the next quantized layer reads
 it). That output pair is what lets onnxruntime fuse 8/8 into QLinearConv / QLinearMatMul /
@@ -28,32 +28,29 @@ import torch
 from onnx import helper
 
 from ..errors import QLimitError
-from ..export import _insert_activation, _insert_weight, required_opset
 from ..graph import topological_sort
 from ..load import default_opset
 from ..mirror import Mirror
-from ..quant.bits import check_bits
+from ..qdq import insert_activation, insert_weight
 from ..quant.fake_quant import FakeQuantize, QuantSpec
 from ..quant.observers import qparams_from_range, weight_qparams
-from ..quant.policy import COMPUTE_OPS, QuantPoint, _weight_axis
+from ..quant.policy import (
+    COMPUTE_OPS,
+    QuantPoint,
+    float_initializers,
+    weight_axis,
+    weight_input,
+)
+from ..quant.widths import check_bits, required_opset
 from ..weights import array as tensor_array
 
 FLOAT = "float"
-_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 _WARMUP = 3
 
 
 def pair_key(wbits: int, abits: int) -> str:
     """The table key of a (wbits, abits) pair: "8/8", "4/4", ... (FLOAT for the float node)."""
     return f"{wbits}/{abits}"
-
-
-def _weight_index(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> int | None:
-    """Which input is the quantized weight, by the placement policy's rule."""
-    for i in (1, 0):
-        if i < len(node.input) and node.input[i] in inits and inits[node.input[i]].data_type in _FLOAT_TYPES:
-            return i if node.op_type == "MatMul" or i == 1 else None
-    return None
 
 
 def _activation_inputs(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> list[str]:
@@ -114,11 +111,11 @@ def _activation_quantizer(values: np.ndarray, bits: int) -> FakeQuantize:
 
 def _quantize_weight(graph: onnx.GraphProto, node: onnx.NodeProto, index: int, init: onnx.TensorProto, bits: int) -> str:
     weight = torch.from_numpy(np.array(tensor_array(init), np.float32))
-    axis = _weight_axis(node, index, weight.dim()) if weight.dim() > 1 else None
+    axis = weight_axis(node, index, weight.dim()) if weight.dim() > 1 else None
     spec = QuantSpec(bits, symmetric=True, channel_axis=axis)
     quantizer = FakeQuantize(spec, weight.shape[axis] if axis is not None else 1)
     quantizer.set_qparams(*weight_qparams(weight, spec, "minmax"))
-    return _insert_weight(graph, QuantPoint(init.name, "weight", spec, [node.name]), quantizer, weight)
+    return insert_weight(graph, QuantPoint(init.name, "weight", spec, [node.name]), quantizer, weight)
 
 
 def single_node_model(model: onnx.ModelProto, node_name: str, inputs: dict[str, np.ndarray],
@@ -157,16 +154,16 @@ def single_node_model(model: onnx.ModelProto, node_name: str, inputs: dict[str, 
         inputs = {**inputs, out: _session(result, 1).run([out], {t: inputs[t] for t in acts})[0]}
     graph = result.graph
     renamed: dict[str, str] = {}
-    windex = _weight_index(node, inits)
+    windex = weight_input(node, float_initializers(model.graph))
     if windex is not None:
         renamed[node.input[windex]] = _quantize_weight(graph, node, windex, inits[node.input[windex]], wbits)
     for t in dict.fromkeys(node.input[:2]):  # as the policy: a Gemm's C / a Conv's bias stays float
         if t in acts and np.asarray(inputs[t]).dtype.kind == "f":
             point = QuantPoint(t, "activation", QuantSpec(abits, False), [node.name])
-            renamed[t] = _insert_activation(graph, point, _activation_quantizer(inputs[t], abits))
+            renamed[t] = insert_activation(graph, point, _activation_quantizer(inputs[t], abits))
     out_point = QuantPoint(out, "activation", QuantSpec(abits, False), [])
     graph.output[0].CopyFrom(_output_info(model, out, np.asarray(inputs[out], np.float32)))
-    graph.output[0].name = _insert_activation(graph, out_point, _activation_quantizer(inputs[out], abits))
+    graph.output[0].name = insert_activation(graph, out_point, _activation_quantizer(inputs[out], abits))
     compute = graph.node[0]
     for i, t in enumerate(compute.input):
         compute.input[i] = renamed.get(t, t)

@@ -23,63 +23,22 @@ import numpy as np
 import onnx
 import torch
 
-from ..recon.blocks import BlockConfig
-from ..calibrate import set_enabled
+from ..context import Context
 from ..data import batches
 from ..errors import QLimitError
 from ..mirror import Mirror
 from ..quant.bits import BitPlan
-from ..quant.policy import QuantPoint
+from ..quant.fake_quant import quantizers_disabled
+from ..quant.policy import COMPUTE_OPS, QuantPoint
 from ..state import QuantState
-from .costs import BUDGETS, CostModel
+from .config import UNITS, EvalData, MixedConfig
+from .costs import CostModel
+from .latency import FLOAT, model_latency_ms, node_latency_table
 from .metric import relative_score
-from .sensitivity import SensitivityConfig, SensitivityTable, load_or_measure
-from .solvers import GAConfig, Problem, solve
+from .sensitivity import SensitivityTable, load_or_measure
+from .solvers import Problem, solve
 
 FRONTIER_POINTS = 12  # plans along the primary budget tried for --target-metric
-UNITS = {"size_bytes": ("--target-size", lambda v: f"{v / 1e3:.1f} KB"),
-         "avg_wbits": ("--target-avg-wbits", lambda v: f"{v:.3f} bits"),
-         "bitops": ("--target-bitops", lambda v: f"{v / 1e9:.4g} G"),
-         "latency_ms": ("--target-latency", lambda v: f"{v:.3f} ms")}
-
-
-@dataclass
-class Targets:
-    size_bytes: float | None = None
-    avg_wbits: float | None = None
-    bitops: float | None = None  # bit-operations per sample (the CLI takes G)
-    latency_ms: float | None = None
-    metric: float | None = None  # fraction of the float model's metric to keep
-
-    def __post_init__(self):
-        for name in BUDGETS:
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise QLimitError(f"{UNITS[name][0]} must be positive (got {value})")
-        if self.metric is not None and not 0 < self.metric <= 1:
-            raise QLimitError(f"--target-metric must be in (0, 1] (got {self.metric})")
-
-    def budgets(self) -> dict[str, float]:
-        return {name: getattr(self, name) for name in BUDGETS if getattr(self, name) is not None}
-
-    def any(self) -> bool:
-        return bool(self.budgets()) or self.metric is not None
-
-
-@dataclass
-class MixedConfig:
-    targets: Targets = field(default_factory=Targets)
-    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
-    solver: str = "milp"  # milp | ga
-    ga: GAConfig = field(default_factory=GAConfig)
-    work_dir: Path | None = None  # sensitivity and latency tables are cached here
-    latency_threads: int = 1
-
-
-@dataclass
-class EvalData:
-    feeds: Mapping[str, np.ndarray]
-    labels: np.ndarray | None = None
 
 
 @dataclass
@@ -95,11 +54,11 @@ class SearchResult:
     frontier: list[dict] = field(default_factory=list)  # plans tried for --target-metric
 
 
-def search(mirror: Mirror, model: onnx.ModelProto, state: QuantState, feeds: Mapping[str, np.ndarray],
-           config: MixedConfig, block_config: BlockConfig, quant_settings: dict, eval_data: EvalData | None = None,
-           progress: bool = True) -> SearchResult:
+def search(ctx: Context, state: QuantState) -> SearchResult:
+    """The bit plan within ctx.options.mixed's budgets with the least predicted loss."""
+    config, mirror, model, feeds = ctx.options.mixed, ctx.mirror, ctx.model, ctx.feeds
     sample = {k: v[:1] for k, v in feeds.items()}
-    latency = _latency_table(model, sample, config) if config.targets.latency_ms is not None else None
+    latency = _latency_table(model, sample, config, ctx.options.work_dir) if config.targets.latency_ms is not None else None
     costs = CostModel(model, mirror, state.points, state.quantizers, sample, latency)
     size_hint = dict(costs.numel)
     ops_hint: dict[str, float] = {}
@@ -107,8 +66,7 @@ def search(mirror: Mirror, model: onnx.ModelProto, state: QuantState, feeds: Map
         for tensor in (node.weight, node.act):
             if tensor:
                 ops_hint[tensor] = ops_hint.get(tensor, 0.0) + node.macs
-    table = load_or_measure(mirror, model, state, feeds, config.sensitivity, block_config, config.work_dir,
-                            quant_settings, (size_hint, ops_hint), progress)
+    table = load_or_measure(ctx, state, (size_hint, ops_hint))
     started = time.perf_counter()
     budgets = config.targets.budgets()
     names = list(budgets) or ["size_bytes"]
@@ -116,10 +74,10 @@ def search(mirror: Mirror, model: onnx.ModelProto, state: QuantState, feeds: Map
     _check_reachable(problem, const, names, budgets)
     result_extra: dict = {}
     if config.targets.metric is not None:
-        choice, result_extra = _meet_metric(mirror, state, table, problem, const, names, config, eval_data or
-                                            EvalData(feeds))
+        choice, result_extra = _meet_metric(mirror, state, table, problem, const, names, config,
+                                            ctx.eval_data or EvalData(feeds), ctx.options.seed)
     else:
-        choice = solve(problem, config.solver, config.ga)
+        choice = solve(problem, config.solver, config.ga, ctx.options.seed)
         if choice is None:
             raise QLimitError(_unreachable_together(problem, const, names, budgets))
     plan = _plan_of(table, choice, state.points)
@@ -186,7 +144,7 @@ def _unreachable_together(problem, const, names, budgets) -> str:
 
 
 def _meet_metric(mirror: Mirror, state: QuantState, table: SensitivityTable, problem: Problem, const: np.ndarray,
-                 names: list[str], config: MixedConfig, data: EvalData) -> tuple[list[int], dict]:
+                 names: list[str], config: MixedConfig, data: EvalData, seed: int) -> tuple[list[int], dict]:
     """The smallest plan on the primary budget (the first one given, else size) that keeps the
     target metric with round-to-nearest, by bisection over plans along the budget."""
     low = _reachable(problem, const, 0)
@@ -196,7 +154,7 @@ def _meet_metric(mirror: Mirror, state: QuantState, table: SensitivityTable, pro
     for limit in np.linspace(low, min(high, cap), FRONTIER_POINTS):
         limits = problem.limits.copy()
         limits[0] = limit - const[0]
-        choice = solve(Problem(problem.losses, problem.costs, limits), config.solver, config.ga)
+        choice = solve(Problem(problem.losses, problem.costs, limits), config.solver, config.ga, seed)
         if choice is not None and choice not in plans:
             plans.append(choice)
     if not plans:
@@ -230,11 +188,8 @@ class _PlanScorer:
 
     def __init__(self, mirror: Mirror, state: QuantState, data: EvalData, batch_size: int = 32):
         self.mirror, self.state, self.data, self.batch_size = mirror, state, data, batch_size
-        set_enabled(state.quantizers, False)
-        try:
+        with quantizers_disabled(state.quantizers):
             self.reference = self._outputs()
-        finally:
-            set_enabled(state.quantizers, True)
 
     def _outputs(self) -> dict[str, torch.Tensor]:
         parts: dict[str, list[torch.Tensor]] = {}
@@ -249,18 +204,15 @@ class _PlanScorer:
         return relative_score(self.reference, self._outputs(), self.data.labels)
 
 
-def _latency_table(model: onnx.ModelProto, sample: Mapping[str, np.ndarray], config: MixedConfig) -> dict:
+def _latency_table(model: onnx.ModelProto, sample: Mapping[str, np.ndarray], config: MixedConfig,
+                   work_dir: str | None) -> dict:
     """Per-node onnxruntime latencies for the candidate width pairs (cached in the work directory)."""
-    from .latency import FLOAT, model_latency_ms, node_latency_table
-
-    from ..quant.policy import COMPUTE_OPS
-
     choices = config.sensitivity
     pairs = sorted({(w, a) for w in choices.wbits_choices for a in choices.abits_choices}, reverse=True)
     nodes = [n.name for n in model.graph.node if n.op_type in COMPUTE_OPS]
     key = hashlib.sha256(model.SerializeToString(deterministic=True) + json.dumps(
         [pairs, config.latency_threads, {k: list(v.shape) for k, v in sample.items()}]).encode()).hexdigest()[:24]
-    path = Path(config.work_dir) / f"latency-{key}.json" if config.work_dir is not None else None
+    path = Path(work_dir) / f"latency-{key}.json" if work_dir is not None else None
     if path is not None and path.is_file():
         return json.loads(path.read_text())
     table = node_latency_table(model, dict(sample), nodes, pairs, threads=config.latency_threads)
@@ -281,16 +233,6 @@ def format_plan_rows(rows: Mapping[str, Mapping[str, int]], op_types: Mapping[st
         shown = node if len(node) <= width else "..." + node[-(width - 3):]
         lines.append(f"{shown:<{width}}  {op_types.get(node, '?'):<13} {entry.get('wbits', '-'):<2} {entry.get('abits', '-')}")
     return "\n".join(lines)
-
-
-def summary(result: SearchResult, budgets: Mapping[str, float]) -> str:
-    parts = []
-    for name in BUDGETS:
-        if name in result.costs:
-            flag, fmt = UNITS[name]
-            limit = f" (budget {fmt(budgets[name])})" if name in budgets else ""
-            parts.append(f"{name.replace('_bytes', '').replace('_', ' ')} {fmt(result.costs[name])}{limit}")
-    return "; ".join(parts)
 
 
 def result_json(result: SearchResult, points: list[QuantPoint]) -> dict:

@@ -32,38 +32,18 @@ import numpy as np
 import onnx
 import torch
 
-from ..recon.blocks import Block, BlockConfig, find_blocks
-from ..calibrate import set_enabled
-from ..progress import progress_bar
-from ..errors import QLimitError
-from ..recon.fisher import GradTap, sampled_nll
+from ..context import Context
 from ..mirror import Mirror
-from ..quant.bits import check_bits
+from ..progress import progress_bar
+from ..quant.fake_quant import quantizers_disabled, set_enabled
 from ..quant.policy import QuantPoint
+from ..recon.blocks import Block, BlockConfig, find_blocks
+from ..recon.fisher import GradTap, sampled_nll
 from ..recon.runner import quantizer_owners
 from ..state import QuantState
+from .config import SensitivityConfig
 
 CACHE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class SensitivityConfig:
-    wbits_choices: tuple[int, ...] = (2, 3, 4, 8)
-    abits_choices: tuple[int, ...] = (4, 8)
-    samples: int = 32  # calibration samples the losses are averaged over
-    chunk: int = 16  # samples per forward pass
-    max_block_configs: int = 32  # joint configurations measured per block at most
-    seed: int = 0
-
-    def __post_init__(self):
-        for kind, name, widths in (("weight", "--wbits-choices", self.wbits_choices),
-                                   ("activation", "--abits-choices", self.abits_choices)):
-            if not widths:
-                raise QLimitError(f"{name} needs at least one width")
-            for bits in widths:
-                check_bits(kind, bits, name)
-        if self.samples < 1 or self.chunk < 1 or self.max_block_configs < 2:
-            raise QLimitError("sensitivity samples, chunk and block configurations must be positive")
 
 
 @dataclass
@@ -97,7 +77,7 @@ class SensitivityTable:
 
 
 def cache_key(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], state: QuantState, config: SensitivityConfig,
-              block_config: BlockConfig, quant_settings: dict) -> str:
+              block_config: BlockConfig, quant_settings: dict, seed: int) -> str:
     """Model + calibration samples used + placement + options: what the table depends on."""
     digest = hashlib.sha256()
     digest.update(model.SerializeToString(deterministic=True))
@@ -106,24 +86,29 @@ def cache_key(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], state: Qu
         digest.update(name.encode() + str(array.dtype).encode() + str(array.shape).encode() + array.tobytes())
     points = [(p.tensor, p.kind, p.fixed, p.spec.bits if p.fixed else None, p.spec.symmetric, p.spec.channel_axis)
               for p in state.points]
-    digest.update(json.dumps([CACHE_VERSION, points, asdict(config), asdict(block_config), quant_settings],
+    digest.update(json.dumps([CACHE_VERSION, points, asdict(config), asdict(block_config), quant_settings, seed],
                              sort_keys=True, default=str).encode())
     return digest.hexdigest()[:24]
 
 
-def load_or_measure(mirror: Mirror, model: onnx.ModelProto, state: QuantState, feeds: Mapping[str, np.ndarray],
-                    config: SensitivityConfig, block_config: BlockConfig, work_dir: Path | None, quant_settings: dict,
-                    hints: tuple[Mapping[str, float], Mapping[str, float]], progress: bool = True) -> SensitivityTable:
+def load_or_measure(ctx: Context, state: QuantState,
+                    hints: tuple[Mapping[str, float], Mapping[str, float]]) -> SensitivityTable:
+    """The sensitivity table of this run: from the work dir's cache when an identical run
+    measured it, else measured (and cached)."""
+    config, block_config, seed = ctx.options.mixed.sensitivity, ctx.recon.block_config, ctx.options.seed
     path = None
-    if work_dir is not None:
-        key = cache_key(model, feeds, state, config, block_config, quant_settings)
-        path = Path(work_dir) / f"sensitivity-{key}.json"
+    if ctx.options.work_dir is not None:
+        # Widths are what the table varies; everything else about the quantizers is part of the key.
+        settings = {**asdict(ctx.config), "widths": {k: v for k, v in asdict(ctx.config.widths).items()
+                                                     if k not in ("wbits", "abits")}}
+        key = cache_key(ctx.model, ctx.feeds, state, config, block_config, settings, seed)
+        path = Path(ctx.options.work_dir) / f"sensitivity-{key}.json"
         if path.is_file():
             try:
                 return SensitivityTable.from_json(json.loads(path.read_text()))
             except (ValueError, KeyError, TypeError):
                 pass  # a damaged cache file is measured again and overwritten
-    table = measure(mirror, model, state, feeds, config, block_config, hints, progress)
+    table = measure(ctx.mirror, ctx.model, state, ctx.feeds, config, block_config, hints, seed, ctx.options.progress)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -143,7 +128,7 @@ class _Samples:
 
 def measure(mirror: Mirror, model: onnx.ModelProto, state: QuantState, feeds: Mapping[str, np.ndarray],
             config: SensitivityConfig, block_config: BlockConfig, hints: tuple[Mapping[str, float], Mapping[str, float]],
-            progress: bool = True) -> SensitivityTable:
+            seed: int = 0, progress: bool = True) -> SensitivityTable:
     """Measure the table; `hints` are (parameters, multiply-adds) per quantizer, to steer
     which configurations of large blocks are measured."""
     started = time.perf_counter()
@@ -151,7 +136,7 @@ def measure(mirror: Mirror, model: onnx.ModelProto, state: QuantState, feeds: Ma
     owners, on_entry = quantizer_owners(mirror, blocks, state.points)
     choices = {p.tensor: [p.spec.bits] if p.fixed else
                sorted(set(config.wbits_choices if p.kind == "weight" else config.abits_choices)) for p in state.points}
-    samples = _float_pass(mirror, state, feeds, blocks, config)
+    samples = _float_pass(mirror, state, feeds, blocks, config, seed)
     runner = _BlockLoss(mirror, state, samples, on_entry)
     table = SensitivityTable(choices, {p.tensor: b for b, pts in owners.items() for p in pts}, {},
                              [[] for _ in blocks], samples.count)
@@ -174,7 +159,7 @@ def measure(mirror: Mirror, model: onnx.ModelProto, state: QuantState, feeds: Ma
 
 
 def _float_pass(mirror: Mirror, state: QuantState, feeds: Mapping[str, np.ndarray], blocks: list[Block],
-                config: SensitivityConfig) -> _Samples:
+                config: SensitivityConfig, seed: int) -> _Samples:
     total = len(next(iter(feeds.values())))
     count = min(config.samples, total)
     kept = list(dict.fromkeys([*mirror.input_names, *(t for b in blocks for t in b.inputs + b.context + b.outputs)]))
@@ -182,27 +167,26 @@ def _float_pass(mirror: Mirror, state: QuantState, feeds: Mapping[str, np.ndarra
     store: dict[str, torch.Tensor] = {}
     hooks = {name: mirror.get_hook(name) for name in loss_names}
     samples = _Samples({n: [] for n in kept}, {n: [] for n in loss_names}, count)
-    generator = torch.Generator().manual_seed(config.seed)
-    set_enabled(state.quantizers, False)
-    try:
-        for name, hook in hooks.items():
-            mirror.set_hook(name, GradTap(hook, store, name))
-        for start in range(0, count, config.chunk):
-            batch = {k: v[start:min(start + config.chunk, count)] for k, v in feeds.items()}
-            env = mirror.execute(mirror.initial_env(batch), keep=kept)
-            loss = sum(sampled_nll(env[o], generator) for o in mirror.output_names if env[o].is_floating_point())
-            tapped = [store[n] for n in loss_names]
-            grads = torch.autograd.grad(loss, tapped, allow_unused=True) if torch.is_tensor(loss) and loss.requires_grad \
-                else [None] * len(tapped)
-            for name, t, g in zip(loss_names, tapped, grads):
-                samples.fisher[name].append(torch.zeros_like(t).detach() if g is None else g.detach().float().pow(2))
-            for name in kept:
-                samples.values[name].append(env[name].detach())
-            store.clear()
-    finally:
-        for name, hook in hooks.items():
-            mirror.set_hook(name, hook)
-        set_enabled(state.quantizers, True)
+    generator = torch.Generator().manual_seed(seed)
+    with quantizers_disabled(state.quantizers):
+        try:
+            for name, hook in hooks.items():
+                mirror.set_hook(name, GradTap(hook, store, name))
+            for start in range(0, count, config.chunk):
+                batch = {k: v[start:min(start + config.chunk, count)] for k, v in feeds.items()}
+                env = mirror.execute(mirror.initial_env(batch), keep=kept)
+                loss = sum(sampled_nll(env[o], generator) for o in mirror.output_names if env[o].is_floating_point())
+                tapped = [store[n] for n in loss_names]
+                grads = torch.autograd.grad(loss, tapped, allow_unused=True) \
+                    if torch.is_tensor(loss) and loss.requires_grad else [None] * len(tapped)
+                for name, t, g in zip(loss_names, tapped, grads):
+                    samples.fisher[name].append(torch.zeros_like(t).detach() if g is None else g.detach().float().pow(2))
+                for name in kept:
+                    samples.values[name].append(env[name].detach())
+                store.clear()
+        finally:
+            for name, hook in hooks.items():
+                mirror.set_hook(name, hook)
     return samples
 
 

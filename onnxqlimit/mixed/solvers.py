@@ -13,8 +13,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ..errors import QLimitError
-
-SOLVERS = ("milp", "ga")
+from .config import SOLVERS, GAConfig
 
 
 @dataclass
@@ -35,26 +34,11 @@ class Problem:
         return [int(np.argmin(c[:, budget] + 1e-12 * l)) for c, l in zip(self.costs, self.losses)]
 
 
-@dataclass(frozen=True)
-class GAConfig:
-    population: int = 64
-    generations: int = 200
-    mutation: float = 0.05  # per gene
-    crossover: float = 0.9
-    tournament: int = 3
-    elite: int = 2
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.population < 4 or self.generations < 1 or not 0 <= self.mutation <= 1 or not 0 <= self.crossover <= 1:
-            raise QLimitError("--ga-population >= 4, --ga-generations >= 1, mutation and crossover in [0, 1]")
-
-
-def solve(problem: Problem, solver: str = "milp", ga: GAConfig | None = None) -> list[int] | None:
+def solve(problem: Problem, solver: str = "milp", ga: GAConfig | None = None, seed: int = 0) -> list[int] | None:
     if solver == "milp":
         return solve_milp(problem)
     if solver == "ga":
-        return solve_ga(problem, ga or GAConfig())
+        return solve_ga(problem, ga or GAConfig(), seed)
     raise QLimitError(f"--solver must be one of {', '.join(SOLVERS)} (got {solver!r})")
 
 
@@ -79,8 +63,8 @@ def solve_milp(problem: Problem) -> list[int] | None:
     return choice if problem.feasible(choice) else None
 
 
-def solve_ga(problem: Problem, config: GAConfig) -> list[int] | None:
-    rng = np.random.default_rng(config.seed)
+def solve_ga(problem: Problem, config: GAConfig, seed: int = 0) -> list[int] | None:
+    rng = np.random.default_rng(seed)
     sizes = np.array([len(l) for l in problem.losses])
     losses = [np.asarray(l, float) for l in problem.losses]
     scale = max(1e-30, sum(float(np.max(l)) for l in losses))

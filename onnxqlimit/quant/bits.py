@@ -1,4 +1,4 @@
-"""Bit widths as a value of their own: the supported range and the per-quantizer BitPlan.
+"""The per-quantizer BitPlan (the supported widths are in widths.py).
 
 A BitPlan maps each quantized tensor (a weight initializer or an activation) to its bit
 width. The placement policy and the defaults produce one, the mixed-precision search
@@ -15,26 +15,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import Iterable, Mapping
 
 from ..errors import QLimitError
-
-if TYPE_CHECKING:  # policy imports this module
-    from .policy import QuantPoint
-
-WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
-ACT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
-SUPPORTED_BITS = {"weight": WEIGHT_BITS, "activation": ACT_BITS}
-
-
-def check_bits(kind: str, bits: int, what: str | None = None) -> int:
-    """`bits` if a `kind` ("weight" | "activation") quantizer supports it, else a one-line error."""
-    allowed = SUPPORTED_BITS[kind]
-    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in allowed:
-        label = what or ("wbits" if kind == "weight" else "abits")
-        extra = " (activations also 16)" if kind == "activation" else ""
-        raise QLimitError(f"{label} must be {allowed[0]}..{max(b for b in allowed if b <= 8)}{extra}, got {bits!r}")
-    return bits
+from .policy import QuantPoint
+from .widths import check_bits, required_opset
 
 
 @dataclass(frozen=True)
@@ -51,8 +36,6 @@ class BitPlan:
         return set(self.bits.values())
 
     def opset(self) -> int:
-        from ..export import required_opset  # export imports the quantizer modules
-
         return required_opset(self.widths())
 
     def with_bits(self, changes: Mapping[str, int]) -> BitPlan:

@@ -7,14 +7,16 @@ except at rounding ties produced by float summation order (docs/quantization.md)
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .bits import ACT_BITS
+from .widths import ACT_BITS
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,7 @@ class FakeQuantize(nn.Module):
 
     `scale` is a Parameter: reconstruction learns it (LSQ) when `requires_grad` is set;
     `zero_point` holds integers in a float buffer. `enabled=False` makes it a pass-through
-    (float model). `drop_prob` set (QDrop, reconstruction only) keeps each quantized
+    (float model). `quant_prob` set (QDrop, reconstruction only) keeps each quantized
     element with that probability and lets the float value through otherwise.
     """
 
@@ -154,7 +156,7 @@ class FakeQuantize(nn.Module):
         self.scale = nn.Parameter(torch.ones(channels), requires_grad=False)
         self.register_buffer("zero_point", torch.zeros(channels))
         self.enabled = True
-        self.drop_prob: float | None = None
+        self.quant_prob: float | None = None
 
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         with torch.no_grad():
@@ -181,7 +183,7 @@ class FakeQuantize(nn.Module):
         if scale.requires_grad and torch.is_grad_enabled():  # LSQ
             per_channel = x.numel() // scale.numel()
             scale = scale_gradient(scale.clamp(min=_TINY), 1.0 / math.sqrt(per_channel * self.spec.qmax))
-        keep = keep_mask(x, self.drop_prob) if self.drop_prob is not None else None
+        keep = keep_mask(x, self.quant_prob) if self.quant_prob is not None else None
         kernel = _kernel if torch.is_grad_enabled() else fake_quant_mix  # caches and export: eager, exact
         return kernel(x, self._view(scale, x), self._view(self.zero_point, x), self.spec.qmin, self.spec.qmax, keep)
 
@@ -189,3 +191,18 @@ class FakeQuantize(nn.Module):
         s = self.spec
         kind = f"per-channel(axis={s.channel_axis})" if s.channel_axis is not None else "per-tensor"
         return f"bits={s.bits}, {'symmetric' if s.symmetric else 'asymmetric'}, {kind}"
+
+
+def set_enabled(quantizers: Mapping[str, FakeQuantize], enabled: bool) -> None:
+    for q in quantizers.values():
+        q.enabled = enabled
+
+
+@contextlib.contextmanager
+def quantizers_disabled(quantizers: Mapping[str, FakeQuantize]) -> Iterator[None]:
+    """The float model inside the `with`: every quantizer off, and on again after it, also on error."""
+    set_enabled(quantizers, False)
+    try:
+        yield
+    finally:
+        set_enabled(quantizers, True)

@@ -14,60 +14,16 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Container, Sequence
 
 import onnx
 
 from ..errors import QLimitError
-from .bits import check_bits
+from .config import Placement, QuantConfig, Widths
 from .fake_quant import QuantSpec
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
-
-
-@dataclass
-class QuantConfig:
-    wbits: int = 8
-    abits: int = 8
-    weight_symmetric: bool = True
-    weight_per_channel: bool = True
-    weight_init: str = "mse"  # mse | minmax
-    act_symmetric: bool = False
-    act_init: str = "mse"  # mse | minmax | percentile
-    percentile: float = 99.99
-    first_last_bits: int | None = 8  # None: first/last layers use wbits/abits like the rest
-    quantize_add: bool = False  # inputs of Adds of two activations (residual joins)
-    quantize_concat: bool = False
-    quantize_act_matmul: bool = False  # MatMul of two activations (attention scores/context)
-    exclude: tuple[str, ...] = ()  # node names or regexes (full match) left float
-    overrides: tuple[tuple[str, int, int], ...] = ()  # (node name or regex, wbits, abits)
-    embedding_bits: int | None = 8  # Gather tables, weight-only per row; None: float
-    smooth: float | None = None  # SmoothQuant migration strength (alpha) for MatMul/Gemm inputs; None: off
-
-    def __post_init__(self):
-        check_bits("weight", self.wbits)
-        check_bits("activation", self.abits)
-        if self.first_last_bits is not None:
-            check_bits("weight", self.first_last_bits, "--first-last-bits")
-        if self.smooth is not None and not 0.0 < self.smooth < 1.0:
-            raise QLimitError(f"--smooth must be between 0 and 1 (got {self.smooth})")
-        if self.embedding_bits is not None:
-            check_bits("weight", self.embedding_bits, "--embedding-bits")
-        for _, w, a in self.overrides:
-            check_bits("weight", w, "--bits wbits")
-            check_bits("activation", a, "--bits abits")
-        for pattern in self.exclude + tuple(p for p, *_ in self.overrides):
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise QLimitError(f"bad node pattern {pattern!r}: {err}") from None
-
-    def all_bits(self) -> set[int]:
-        """Every width the placement can give a quantizer (the BitPlan's opset floor before a search)."""
-        bits = {self.wbits, self.abits} | {b for _, w, a in self.overrides for b in (w, a)}
-        bits |= {self.embedding_bits} if self.embedding_bits else set()
-        return bits | ({self.first_last_bits} if self.first_last_bits else set())
 
 
 @dataclass
@@ -80,12 +36,28 @@ class QuantPoint:
     table: bool = False  # a Gather table: rounded to nearest, never tuned, fixed width, not in avg_wbits
 
 
+def float_initializers(graph: onnx.GraphProto) -> set[str]:
+    return {t.name for t in graph.initializer if t.data_type in _FLOAT_TYPES}
+
+
+def weight_input(node: onnx.NodeProto, float_weights: Container[str]) -> int | None:
+    """Which input of a compute node is the weight to quantize, the rule every module uses:
+    W of a Conv / ConvTranspose, B of a Gemm, either side of a MatMul (B first) - a float
+    initializer. None where there is none (a constant A of a Gemm is not a weight)."""
+    if node.op_type not in COMPUTE_OPS or node.domain not in ("", "ai.onnx"):
+        return None
+    for index in (1, 0) if node.op_type == "MatMul" else (1,):
+        if index < len(node.input) and node.input[index] in float_weights:
+            return index
+    return None
+
+
 def _matches(patterns, node: onnx.NodeProto) -> bool:
     names = [node.name, *node.output]
     return any(re.fullmatch(p, n) for p in patterns for n in names if n)
 
 
-def _weight_axis(node: onnx.NodeProto, weight_index: int, rank: int) -> int:
+def weight_axis(node: onnx.NodeProto, weight_index: int, rank: int) -> int:
     """The output-channel axis of a weight, for per-channel scales."""
     if node.op_type == "Conv":
         return 0
@@ -97,10 +69,10 @@ def _weight_axis(node: onnx.NodeProto, weight_index: int, rank: int) -> int:
     return rank - 1 if weight_index == 1 else rank - 2  # MatMul: the axis that survives in the output
 
 
-def check_patterns(model: onnx.ModelProto, config: QuantConfig) -> None:
+def check_patterns(model: onnx.ModelProto, placement: Placement, widths: Widths) -> None:
     """A --bits or --exclude pattern that matches no node is a typo, not a no-op: name it."""
     names = [n for node in model.graph.node for n in (node.name, *node.output) if n]
-    for flag, patterns in (("--exclude", config.exclude), ("--bits", [p for p, *_ in config.overrides])):
+    for flag, patterns in (("--exclude", placement.exclude), ("--bits", [p for p, *_ in widths.overrides])):
         for pattern in patterns:
             if any(re.fullmatch(pattern, n) for n in names):
                 continue
@@ -114,22 +86,24 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
     """Where quantizers stand and their default widths (BitPlan.of(points) is the default plan).
     `last`: the last compute layers when known element by element (reach.last_layers);
     by default they are read off the graph's tensors."""
-    check_patterns(model, config)
+    widths, scheme, placement = config.widths, config.scheme, config.placement
+    check_patterns(model, placement, widths)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
+    float_weights = float_initializers(graph)
     outputs = {o.name for o in graph.output}
     float_acts = _float_tensors(model)
-    compute = [n for n in graph.node if n.op_type in COMPUTE_OPS and not _matches(config.exclude, n)]
+    compute = [n for n in graph.node if n.op_type in COMPUTE_OPS and not _matches(placement.exclude, n)]
     first, graph_last = _first_and_last(graph)
     last = graph_last if last is None else last
 
     def bits_for(node) -> tuple[int, int, bool]:
-        wbits, abits, fixed = config.wbits, config.abits, False
-        for pattern, w, a in config.overrides:
+        wbits, abits, fixed = widths.wbits, widths.abits, False
+        for pattern, w, a in widths.overrides:
             if _matches([pattern], node):
                 wbits, abits, fixed = w, a, True
-        if config.first_last_bits and (node.name in first or node.name in last):
-            wbits, abits, fixed = max(wbits, config.first_last_bits), max(abits, config.first_last_bits), True
+        if widths.first_last_bits and (node.name in first or node.name in last):
+            wbits, abits, fixed = max(wbits, widths.first_last_bits), max(abits, widths.first_last_bits), True
         return wbits, abits, fixed
 
     weights: dict[str, QuantPoint] = {}
@@ -140,25 +114,22 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
             return
         point = acts.get(tensor)
         if point is None:
-            acts[tensor] = QuantPoint(tensor, "activation", QuantSpec(bits, config.act_symmetric), [node.name], fixed)
+            acts[tensor] = QuantPoint(tensor, "activation", QuantSpec(bits, scheme.act_symmetric), [node.name], fixed)
         else:  # a tensor read by several quantized ops gets the widest width asked for
             point.consumers.append(node.name)
             point.fixed |= fixed
             if bits > point.spec.bits:
-                point.spec = QuantSpec(bits, config.act_symmetric)
+                point.spec = QuantSpec(bits, scheme.act_symmetric)
 
     for node in compute:
         wbits, abits, fixed = bits_for(node)
         data_inputs = list(node.input[:2])
-        weight_index = next((i for i in (1, 0) if i < len(data_inputs) and data_inputs[i] in inits
-                             and inits[data_inputs[i]].data_type in _FLOAT_TYPES), None)
-        if node.op_type in ("Conv", "ConvTranspose", "Gemm") and weight_index != 1:
-            weight_index = None  # only B/W is a weight for these; a constant A is left alone
+        weight_index = weight_input(node, float_weights)
         if weight_index is not None:
             name = data_inputs[weight_index]
             rank = len(inits[name].dims)
-            axis = _weight_axis(node, weight_index, rank) if config.weight_per_channel and rank > 1 else None
-            spec = QuantSpec(wbits, config.weight_symmetric, axis)
+            axis = weight_axis(node, weight_index, rank) if scheme.weight_per_channel and rank > 1 else None
+            spec = QuantSpec(wbits, scheme.weight_symmetric, axis)
             if name in weights:  # shared weight: keep one quantizer, the widest
                 weights[name].consumers.append(node.name)
                 weights[name].fixed |= fixed
@@ -167,21 +138,21 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
             else:
                 weights[name] = QuantPoint(name, "weight", spec, [node.name], fixed)
         activation_inputs = [t for i, t in enumerate(data_inputs) if i != weight_index and t]
-        if node.op_type == "MatMul" and weight_index is None and not config.quantize_act_matmul:
+        if node.op_type == "MatMul" and weight_index is None and not placement.quantize_act_matmul:
             continue  # activation x activation (attention) stays float unless asked for
         for tensor in activation_inputs:
             add_act(tensor, abits, fixed, node)
 
-    if config.embedding_bits:
+    if widths.embedding_bits:
         for node in graph.node:
-            if node.op_type == "Gather" and not _matches(config.exclude, node):
-                bits = next((w for p, w, _ in reversed(config.overrides) if _matches([p], node)), config.embedding_bits)
-                _add_table(node, inits, weights, config, bits)
+            if node.op_type == "Gather" and not _matches(placement.exclude, node):
+                bits = next((w for p, w, _ in reversed(widths.overrides) if _matches([p], node)), widths.embedding_bits)
+                _add_table(node, inits, weights, scheme.weight_symmetric, bits)
 
-    extra_ops = {"Add"} if config.quantize_add else set()
-    extra_ops |= {"Concat"} if config.quantize_concat else set()
+    extra_ops = {"Add"} if placement.quantize_add else set()
+    extra_ops |= {"Concat"} if placement.quantize_concat else set()
     for node in graph.node:
-        if node.op_type in extra_ops and not _matches(config.exclude, node):
+        if node.op_type in extra_ops and not _matches(placement.exclude, node):
             inputs = [t for t in node.input if t and t not in inits]
             if node.op_type == "Add" and len(inputs) < 2:
                 continue  # bias-like Add of a constant is not a join
@@ -191,7 +162,7 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
     return list(weights.values()) + list(acts.values())
 
 
-def _add_table(node: onnx.NodeProto, inits, weights: dict[str, QuantPoint], config: QuantConfig, bits: int) -> None:
+def _add_table(node: onnx.NodeProto, inits, weights: dict[str, QuantPoint], symmetric: bool, bits: int) -> None:
     """A float table of rank >= 2 gathered by runtime indices: one scale per gathered slice
     (per row for an embedding), so a row's error does not depend on the largest row."""
     name = node.input[0]
@@ -202,7 +173,7 @@ def _add_table(node: onnx.NodeProto, inits, weights: dict[str, QuantPoint], conf
         weights[name].consumers.append(node.name)
         return
     axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % len(table.dims)
-    spec = QuantSpec(bits, config.weight_symmetric, axis)
+    spec = QuantSpec(bits, symmetric, axis)
     weights[name] = QuantPoint(name, "weight", spec, [node.name], fixed=True, table=True)
 
 

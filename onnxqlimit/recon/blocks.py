@@ -35,11 +35,9 @@ from itertools import accumulate
 import onnx
 
 from ..errors import QLimitError
-from ..quant.policy import _FLOAT_TYPES, COMPUTE_OPS
+from ..quant.policy import float_initializers, weight_input
 
 GRANULARITIES = ("layer", "block", "stage", "net")
-# Which inputs may hold the weight: B/W for Conv, ConvTranspose and Gemm; either side of a MatMul.
-_WEIGHT_INPUTS = {op: ((1, 0) if op == "MatMul" else (1,)) for op in COMPUTE_OPS}
 # Ops that read only the shape of their input: their outputs do not move when values are quantized.
 _SHAPE_ONLY_OPS = ("Shape", "Size")
 # Ops that only rearrange their first input: looked through when tracing a layer's data input back.
@@ -90,18 +88,12 @@ class _Flow:
     graph_outputs: set[str]
 
 
-def _is_weight_layer(node: onnx.NodeProto, float_inits: set[str]) -> bool:
-    if node.domain not in ("", "ai.onnx"):
-        return False
-    return any(i < len(node.input) and node.input[i] in float_inits for i in _WEIGHT_INPUTS.get(node.op_type, ()))
-
-
 def _flow(model: onnx.ModelProto) -> _Flow:
     graph = model.graph
     inits = {t.name for t in graph.initializer}
-    float_inits = {t.name for t in graph.initializer if t.data_type in _FLOAT_TYPES}
+    float_inits = float_initializers(graph)
     nodes = list(graph.node)
-    is_layer = [_is_weight_layer(node, float_inits) for node in nodes]
+    is_layer = [weight_input(node, float_inits) is not None for node in nodes]
     producer = {i.name: -1 for i in graph.input if i.name not in inits}
     last_reader: dict[str, int] = {}
     main: set[str] = set()

@@ -24,6 +24,7 @@ import torch
 
 from ..quant.adaround import AdaRoundQuantize
 from ..quant.fake_quant import FakeQuantize
+from .results import BlockResult
 
 log = logging.getLogger("onnxqlimit")
 
@@ -51,7 +52,7 @@ class Checkpoints:
     def _path(self, index: int) -> Path:
         return self.folder / f"block-{index:04d}.pt"
 
-    def save(self, index: int, quantizers: Mapping[str, FakeQuantize], names: list[str], result) -> None:
+    def save(self, index: int, quantizers: Mapping[str, FakeQuantize], names: list[str], result: BlockResult) -> None:
         state = {name: {"adaround": isinstance(quantizers[name], AdaRoundQuantize),
                         "hard": bool(getattr(quantizers[name], "hard", False)),
                         "tensors": {k: v.detach().cpu() for k, v in quantizers[name].state_dict().items()}}
@@ -61,8 +62,8 @@ class Checkpoints:
         torch.save(payload, tmp)
         os.replace(tmp, self._path(index))  # a kill mid-write leaves no half checkpoint
 
-    def load(self, index: int, quantizers: dict[str, FakeQuantize], names: list[str], initializer, set_hook,
-             result_type):
+    def load(self, index: int, quantizers: dict[str, FakeQuantize], names: list[str], initializer,
+             set_hook) -> BlockResult | None:
         """Put a finished block's quantizers back; its BlockResult, or None if not saved."""
         path = self._path(index)
         if not path.exists():
@@ -79,12 +80,12 @@ class Checkpoints:
                     module.harden()
             device = module.scale.device
             module.load_state_dict({k: v.to(device) for k, v in saved["tensors"].items()})
-        known = {f.name for f in fields(result_type)}
+        known = {f.name for f in fields(BlockResult)}
         values = {k: v for k, v in payload["result"].items() if k in known}
         if values.get("tile") is not None:
             values["tile"] = tuple(values["tile"])
         self.resumed += 1
-        return result_type(**values)
+        return BlockResult(**values)
 
     def finish(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

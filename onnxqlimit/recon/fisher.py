@@ -14,11 +14,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .block_cache import TensorCache
-from ..calibrate import set_enabled
 from ..mirror import Mirror
 from ..progress import progress_bar
-from ..quant.fake_quant import FakeQuantize
+from ..quant.fake_quant import FakeQuantize, quantizers_disabled
+from .block_cache import TensorCache
 
 
 class GradTap(nn.Module):
@@ -85,10 +84,8 @@ def fisher_weights(mirror: Mirror, quantizers: Mapping[str, FakeQuantize], batch
         for name, hook in originals.items():
             mirror.set_hook(name, GradTap(hook, store, name))
         for batch in progress_bar(progress, batches, desc="fisher", unit="batch", leave=False):
-            set_enabled(quantizers, False)
-            with torch.no_grad():
+            with torch.no_grad(), quantizers_disabled(quantizers):
                 reference = mirror.run(batch)
-            set_enabled(quantizers, True)
             output = mirror.run(batch)
             loss = sum(task_loss(reference[o], output[o]) for o in mirror.output_names)
             tensors = [store[name] for name in names]
@@ -97,7 +94,6 @@ def fisher_weights(mirror: Mirror, quantizers: Mapping[str, FakeQuantize], batch
                 grads[name].append((g if g is not None else torch.zeros_like(t)).detach().abs().cpu())
             store.clear()
     finally:
-        set_enabled(quantizers, True)
         for name, hook in originals.items():
             mirror.set_hook(name, hook)
     for name, chunks in grads.items():

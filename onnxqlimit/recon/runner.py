@@ -11,10 +11,15 @@ import bisect
 import torch
 from tqdm import tqdm
 
-from ..calibrate import set_enabled
 from ..errors import QLimitError
 from ..mirror import Mirror
-from ..quant.fake_quant import FakeQuantize, is_channels_last, keep_mask, mix
+from ..quant.fake_quant import (
+    FakeQuantize,
+    is_channels_last,
+    keep_mask,
+    mix,
+    quantizers_disabled,
+)
 from ..quant.policy import QuantPoint
 from .block_cache import BatchLayout, TensorCache, probe_layout
 from .blocks import Block
@@ -35,12 +40,8 @@ def probe_layouts(mirror: Mirror, quantizers, feeds, names: list[str]) -> dict[s
     """Batch axis of every cached tensor, from float runs on one and on two samples."""
     if len(next(iter(feeds.values()))) < 2:
         raise QLimitError("reconstruction needs at least 2 calibration samples")
-    set_enabled(quantizers, False)
-    try:
-        with torch.no_grad():
-            one, two = (mirror.run({k: v[:k_].to(mirror.device) for k, v in feeds.items()}, names) for k_ in (1, 2))
-    finally:
-        set_enabled(quantizers, True)
+    with torch.no_grad(), quantizers_disabled(quantizers):
+        one, two = (mirror.run({k: v[:k_].to(mirror.device) for k, v in feeds.items()}, names) for k_ in (1, 2))
     return {name: probe_layout(one[name], two[name]) for name in names}
 
 
@@ -121,18 +122,18 @@ class BlockRunner:
         for cache in self.caches():
             cache.close()
 
-    def entry_env(self, block: Block, index, drop: float | None = None,
+    def entry_env(self, block: Block, index, quant_prob: float | None = None,
                   tile: tuple[slice, slice] | None = None) -> dict[str, torch.Tensor]:
         """The block's inputs for samples `index` (and pixels `tile` of 4-D ones): cached
-        quantized-model tensors, entry quantizers applied; with `drop`, each element is the
-        float model's value instead with probability 1 - drop (QDrop)."""
+        quantized-model tensors, entry quantizers applied; with `quant_prob`, each element is the
+        float model's value instead with probability 1 - quant_prob (QDrop)."""
         env = {}
         for name in block.inputs + block.context:
             x = self.q.get(name, index, tile)
             if name in self.on_entry:
                 x = self.quantizers[name](x)
-            if drop is not None and name in block.inputs and x.is_floating_point():
-                x = mix(self.fp.get(name, index, tile), x, keep_mask(x, drop))
+            if quant_prob is not None and name in block.inputs and x.is_floating_point():
+                x = mix(self.fp.get(name, index, tile), x, keep_mask(x, quant_prob))
             env[name] = x
         return env
 
@@ -155,13 +156,9 @@ class BlockRunner:
         """The float block's loss outputs for samples `index`, on pixels `tile` of the float
         model's inputs (the target of a tiled tuning step; tiles.py)."""
         env = {name: self.fp.get(name, index, tile) for name in block.inputs + block.context}
-        set_enabled(self.quantizers, False)  # all are on while a block tunes
-        try:
-            with torch.no_grad():
-                env.update(self.mirror.initializer_env(weights))
-                self.mirror.execute(env, block.node_range, keep=block.loss_outputs)
-        finally:
-            set_enabled(self.quantizers, True)
+        with torch.no_grad(), quantizers_disabled(self.quantizers):  # all are on while a block tunes
+            env.update(self.mirror.initializer_env(weights))
+            self.mirror.execute(env, block.node_range, keep=block.loss_outputs)
         return {name: env[name] for name in block.loss_outputs}
 
     @staticmethod

@@ -3,7 +3,7 @@
 AdaRound learns the rounding of the block's weights and LSQ the step sizes of the
 activation quantizers the block owns, on the (optionally Fisher-weighted) squared
 output error over cached inputs; QDrop lets each activation element skip quantization
-with probability 1 - drop_prob. At the end the rounding is hardened.
+with probability 1 - quant_prob. At the end the rounding is hardened.
 
 The schedule runs on a progress clock p in [0, 1]: the regulariser is off while
 p < warmup, then its beta falls from 20 to 2, and the step-size learning rate follows a
@@ -18,7 +18,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -27,11 +26,9 @@ from tqdm import tqdm
 from ..quant.adaround import AdaRoundQuantize
 from ..quant.policy import QuantPoint
 from .blocks import Block
+from .config import ReconConfig
 from .runner import BlockRunner
 from .tiles import tile_sampler
-
-if TYPE_CHECKING:  # reconstruct imports this module
-    from .reconstruct import ReconConfig
 
 # Blocks below this many FLOP per iteration (forward + backward) tune on one thread: a
 # second thread saves less than the synchronisation costs, and on a busy machine two
@@ -139,7 +136,7 @@ def rtn_restorer(runner: BlockRunner, tuned: list[QuantPoint]) -> Callable[[], N
 
 
 def tune_block(runner: BlockRunner, block: Block, weights: list[str], tuned: list[QuantPoint], config: ReconConfig,
-               bar: tqdm | None) -> TuneStats:
+               seed: int, bar: tqdm | None) -> TuneStats:
     """AdaRound + LSQ (+ QDrop) on one block, in place."""
     mirror = runner.mirror
     rounding: list[AdaRoundQuantize] = []
@@ -153,12 +150,12 @@ def tune_block(runner: BlockRunner, block: Block, weights: list[str], tuned: lis
     scales = [runner.quantizers[t].scale for t in acts] if config.learn_act_scales else []
     for t in acts:
         if t not in runner.on_entry:  # entry quantizers are mixed with the float input instead
-            runner.quantizers[t].drop_prob = config.dropping
+            runner.quantizers[t].quant_prob = config.qdrop
         runner.quantizers[t].scale.requires_grad_(bool(scales))
     round_opt = torch.optim.Adam([m.alpha for m in rounding], lr=config.lr_round) if rounding else None
     scale_opt = torch.optim.Adam(scales, lr=config.lr_scale) if scales else None
     optimizers = [o for o in (round_opt, scale_opt) if o is not None]
-    generator = torch.Generator().manual_seed(config.seed * 100003 + block.index)
+    generator = torch.Generator().manual_seed(seed * 100003 + block.index)
     clock = ProgressClock(config.iters, max(1, round(config.stop_tail * config.iters)))
     plateau = Plateau(max(config.stop_window, config.iters // 20), config.stop_tol, config.stop_patience)
     threads = block_threads = torch.get_num_threads()
@@ -176,7 +173,7 @@ def tune_block(runner: BlockRunner, block: Block, weights: list[str], tuned: lis
             targets = runner.float_outputs(block, weights, index, tile) if tile is not None else None
             counter = FlopCounterMode(display=False) if it == 0 else None
             with counter if counter is not None else contextlib.nullcontext():
-                env = runner.entry_env(block, index, config.dropping, tile)
+                env = runner.entry_env(block, index, config.qdrop, tile)
                 if nhwc:
                     env = channels_last(env)
                 env.update(mirror.initializer_env(weights))
@@ -217,7 +214,7 @@ def tune_block(runner: BlockRunner, block: Block, weights: list[str], tuned: lis
         for module in rounding:
             module.harden()
         for t in acts:
-            runner.quantizers[t].drop_prob = None
+            runner.quantizers[t].quant_prob = None
             runner.quantizers[t].scale.requires_grad_(False)
     end = time.perf_counter()
     rate = (it - 1) / (end - timed_from) if it > 1 else it / (end - started)

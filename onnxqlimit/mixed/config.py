@@ -1,0 +1,97 @@
+"""Mixed-precision settings, owned here alone: the budgets, the sensitivity measurement,
+the solver. The run's seed, work dir (where tables are cached) and progress display are
+run-level settings (RunOptions)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import QLimitError
+from ..quant.widths import DEFAULT_ABITS_CHOICES, DEFAULT_WBITS_CHOICES, check_bits
+
+SOLVERS = ("milp", "ga")
+# Each budget: its flag and how its values read.
+UNITS = {"size_bytes": ("--target-size", lambda v: f"{v / 1e3:.1f} KB"),
+         "avg_wbits": ("--target-avg-wbits", lambda v: f"{v:.3f} bits"),
+         "bitops": ("--target-bitops", lambda v: f"{v / 1e9:.4g} G"),
+         "latency_ms": ("--target-latency", lambda v: f"{v:.3f} ms")}
+BUDGETS = tuple(UNITS)
+
+
+@dataclass
+class Targets:
+    size_bytes: float | None = None
+    avg_wbits: float | None = None
+    bitops: float | None = None  # bit-operations per sample (the CLI takes G)
+    latency_ms: float | None = None
+    metric: float | None = None  # fraction of the float model's metric to keep
+
+    def __post_init__(self):
+        for name in BUDGETS:
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise QLimitError(f"{UNITS[name][0]} must be positive (got {value})")
+        if self.metric is not None and not 0 < self.metric <= 1:
+            raise QLimitError(f"--target-metric must be in (0, 1] (got {self.metric})")
+
+    def budgets(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in BUDGETS if getattr(self, name) is not None}
+
+    def any(self) -> bool:
+        return bool(self.budgets()) or self.metric is not None
+
+
+@dataclass(frozen=True)
+class SensitivityConfig:
+    wbits_choices: tuple[int, ...] = DEFAULT_WBITS_CHOICES
+    abits_choices: tuple[int, ...] = DEFAULT_ABITS_CHOICES
+    samples: int = 32  # calibration samples the losses are averaged over
+    chunk: int = 16  # samples per forward pass
+    max_block_configs: int = 32  # joint configurations measured per block at most
+
+    def __post_init__(self):
+        for kind, name, widths in (("weight", "--wbits-choices", self.wbits_choices),
+                                   ("activation", "--abits-choices", self.abits_choices)):
+            if not widths:
+                raise QLimitError(f"{name} needs at least one width")
+            for bits in widths:
+                check_bits(kind, bits, name)
+        if self.samples < 1 or self.chunk < 1 or self.max_block_configs < 2:
+            raise QLimitError("sensitivity samples, chunk and block configurations must be positive")
+
+
+@dataclass(frozen=True)
+class GAConfig:
+    population: int = 64
+    generations: int = 200
+    mutation: float = 0.05  # per gene
+    crossover: float = 0.9
+    tournament: int = 3
+    elite: int = 2
+
+    def __post_init__(self):
+        if self.population < 4 or self.generations < 1 or not 0 <= self.mutation <= 1 or not 0 <= self.crossover <= 1:
+            raise QLimitError("--ga-population >= 4, --ga-generations >= 1, mutation and crossover in [0, 1]")
+
+
+@dataclass
+class MixedConfig:
+    targets: Targets = field(default_factory=Targets)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
+    solver: str = "milp"  # milp | ga
+    ga: GAConfig = field(default_factory=GAConfig)
+    latency_threads: int = 1
+
+    def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise QLimitError(f"--solver must be one of {', '.join(SOLVERS)} (got {self.solver!r})")
+
+
+@dataclass
+class EvalData:
+    """Data the --target-metric search scores plans on: model inputs, optional labels."""
+
+    feeds: Mapping[str, np.ndarray]
+    labels: np.ndarray | None = None

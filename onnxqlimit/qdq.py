@@ -1,0 +1,101 @@
+"""The Q/DQ patterns the exporter writes, in one place: a weight as integer initializer ->
+DequantizeLinear, an activation as (Max/Min clip ->) QuantizeLinear -> DequantizeLinear,
+and the bytes each takes. export.py writes them for a whole model, mixed/latency.py
+around one node to time it, mixed/costs.py counts their bytes.
+"""
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper, numpy_helper
+
+from .quant.fake_quant import FakeQuantize, QuantSpec
+from .quant.policy import QuantPoint
+from .quant.widths import container_bits, container_dtype
+
+
+def needs_clip(spec: QuantSpec) -> bool:
+    """Activations get a Max/Min clip where the container is wider than the width (see below)."""
+    return spec.bits < container_bits(spec.bits) or container_bits(spec.bits) < 8
+
+
+def needs_fusion_guard(spec: QuantSpec) -> bool:
+    return container_bits(spec.bits) == 2
+
+
+def weight_storage_bytes(spec: QuantSpec, shape: tuple[int, ...]) -> int:
+    """What insert_weight stores for a weight: packed integers, float32 scales, zero points
+    (and, for int2, the fusion guard's shape)."""
+    container = container_bits(spec.bits)
+    numel = int(np.prod(shape))
+    channels = shape[spec.channel_axis] if spec.channel_axis is not None else 1
+    guard = 8 * len(shape) if needs_fusion_guard(spec) else 0
+    return -(-numel * container // 8) + 4 * channels + -(-channels * container // 8) + guard
+
+
+def activation_storage_bytes(spec: QuantSpec) -> int:
+    """What insert_activation stores: scale, zero point and, where clipped, the two bounds."""
+    return 4 + -(-container_bits(spec.bits) // 8) + (8 if needs_clip(spec) else 0)
+
+
+
+
+
+def _qparam_arrays(quantizer: FakeQuantize, per_channel: bool):
+    scale = quantizer.scale.detach().float().cpu().numpy()
+    zero = quantizer.zero_point.detach().cpu().numpy()
+    if not per_channel:
+        scale, zero = scale.reshape(()), zero.reshape(())
+    return scale.astype(np.float32), zero.astype(container_dtype(quantizer.spec.bits, quantizer.spec.symmetric))
+
+
+def insert_weight(graph, point: QuantPoint, quantizer: FakeQuantize, weight, store=None) -> str:
+    spec = point.spec
+    ints = quantizer.quantize(weight.detach()).cpu().numpy().astype(np.int32).astype(container_dtype(spec.bits, spec.symmetric))
+    scale, zero = _qparam_arrays(quantizer, spec.channel_axis is not None)
+    base = point.tensor
+    stored = numpy_helper.from_array(ints, f"{base}_quantized")
+    graph.initializer.extend([store(stored) if store is not None else stored,
+                              numpy_helper.from_array(scale, f"{base}_scale"),
+                              numpy_helper.from_array(zero, f"{base}_zero_point")])
+    attrs = {"axis": spec.channel_axis} if spec.channel_axis is not None else {}
+    graph.node.append(helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
+                                       [f"{base}_dequantized"], name=f"{base}_DequantizeLinear", **attrs))
+    if needs_fusion_guard(spec):
+        # onnxruntime 1.32 fuses DQ(weight) -> Conv/Gemm/MatMul with 8-bit activations into
+        # QLinearConv & co. without checking the weight type, and an int2 weight then makes
+        # session creation fail (INVALID_GRAPH) at the default optimization level. A
+        # same-shape Reshape between the DQ and its readers is exact and stops the match.
+        graph.initializer.append(numpy_helper.from_array(np.array(ints.shape, np.int64), f"{base}_shape"))
+        graph.node.append(helper.make_node("Reshape", [f"{base}_dequantized", f"{base}_shape"], [f"{base}_unfused"],
+                                           name=f"{base}_Reshape"))
+        return f"{base}_unfused"
+    return f"{base}_dequantized"
+
+
+def insert_activation(graph, point: QuantPoint, quantizer: FakeQuantize) -> str:
+    spec = point.spec
+    base = point.tensor
+    scale, zero = _qparam_arrays(quantizer, per_channel=False)
+    graph.initializer.extend([numpy_helper.from_array(scale, f"{base}_scale"),
+                              numpy_helper.from_array(zero, f"{base}_zero_point")])
+    source = base
+    if needs_clip(spec):
+        # Clamp to the true range, so a container wider than the bit width cannot use its
+        # extra levels (clamp(x) / s rounds to the same integer bound). For 2/4-bit
+        # containers the clamp is a numerical no-op that keeps onnxruntime 1.32 running: its
+        # Clip/Relu -> QuantizeLinear fusion aborts session creation on sub-byte zero
+        # points, and a Max/Min pair (not a Clip) in between is never matched by it.
+        s, z = float(scale), float(zero)
+        lo = np.array((spec.qmin - z) * s, np.float32)
+        hi = np.array((spec.qmax - z) * s, np.float32)
+        graph.initializer.extend([numpy_helper.from_array(lo, f"{base}_range_min"),
+                                  numpy_helper.from_array(hi, f"{base}_range_max")])
+        graph.node.append(helper.make_node("Max", [base, f"{base}_range_min"], [f"{base}_above_min"], name=f"{base}_Max"))
+        graph.node.append(helper.make_node("Min", [f"{base}_above_min", f"{base}_range_max"], [f"{base}_in_range"],
+                                           name=f"{base}_Min"))
+        source = f"{base}_in_range"
+    graph.node.append(helper.make_node("QuantizeLinear", [source, f"{base}_scale", f"{base}_zero_point"],
+                                       [f"{base}_quantized"], name=f"{base}_QuantizeLinear"))
+    graph.node.append(helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
+                                       [f"{base}_dequantized"], name=f"{base}_DequantizeLinear"))
+    return f"{base}_dequantized"

@@ -1,0 +1,104 @@
+"""What to quantize and how, split as torch.ao splits it:
+
+- `Widths`: the default widths and the rules that set them per node (first/last layers,
+  embedding tables, --bits overrides); a search or a plan file then changes them per quantizer.
+- `Scheme`: how values map to integers - symmetry, granularity and the range observers.
+- `Placement`: which ops get quantizers beyond the default compute-layer inputs.
+- `QuantConfig`: the three, plus SmoothQuant, a transform of the float graph before placement.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+
+from ..errors import QLimitError
+from .widths import check_bits
+
+WEIGHT_OBSERVERS = ("mse", "minmax")
+ACT_OBSERVERS = ("mse", "minmax", "percentile")
+
+
+def _check_patterns(patterns) -> None:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise QLimitError(f"bad node pattern {pattern!r}: {err}") from None
+
+
+@dataclass(frozen=True)
+class Widths:
+    wbits: int = 8
+    abits: int = 8
+    first_last_bits: int | None = 8  # None: first/last layers use wbits/abits like the rest
+    embedding_bits: int | None = 8  # Gather tables, weight-only per row; None: float
+    overrides: tuple[tuple[str, int, int], ...] = ()  # (node name or regex, wbits, abits)
+
+    def __post_init__(self):
+        check_bits("weight", self.wbits)
+        check_bits("activation", self.abits)
+        if self.first_last_bits is not None:
+            check_bits("weight", self.first_last_bits, "--first-last-bits")
+        if self.embedding_bits is not None:
+            check_bits("weight", self.embedding_bits, "--embedding-bits")
+        for _, w, a in self.overrides:
+            check_bits("weight", w, "--bits wbits")
+            check_bits("activation", a, "--bits abits")
+        _check_patterns(p for p, *_ in self.overrides)
+
+    def all_bits(self) -> set[int]:
+        """Every width the placement can give a quantizer (the BitPlan's opset floor before a search)."""
+        bits = {self.wbits, self.abits} | {b for _, w, a in self.overrides for b in (w, a)}
+        bits |= {self.embedding_bits} if self.embedding_bits else set()
+        return bits | ({self.first_last_bits} if self.first_last_bits else set())
+
+
+@dataclass(frozen=True)
+class Scheme:
+    weight_symmetric: bool = True  # signed integers, zero point 0; else unsigned with a zero point
+    weight_per_channel: bool = True  # one scale per output channel; else one per tensor
+    weight_init: str = "mse"  # weight range observer: mse | minmax
+    act_symmetric: bool = False
+    act_init: str = "mse"  # activation range observer: mse | minmax | percentile
+    percentile: float = 99.99  # for act_init "percentile"
+
+    def __post_init__(self):
+        if self.weight_init not in WEIGHT_OBSERVERS:
+            raise QLimitError(f"--weight-init must be one of {', '.join(WEIGHT_OBSERVERS)} (got {self.weight_init!r})")
+        if self.act_init not in ACT_OBSERVERS:
+            raise QLimitError(f"--act-init must be one of {', '.join(ACT_OBSERVERS)} (got {self.act_init!r})")
+        if not 0 < self.percentile <= 100:
+            raise QLimitError(f"--percentile must be in (0, 100] (got {self.percentile})")
+
+
+@dataclass(frozen=True)
+class Placement:
+    quantize_add: bool = False  # inputs of Adds of two activations (residual joins)
+    quantize_concat: bool = False
+    quantize_act_matmul: bool = False  # MatMul of two activations (attention scores/context)
+    exclude: tuple[str, ...] = ()  # node names or regexes (full match) left float
+
+    def __post_init__(self):
+        _check_patterns(self.exclude)
+
+
+@dataclass
+class QuantConfig:
+    widths: Widths = field(default_factory=Widths)
+    scheme: Scheme = field(default_factory=Scheme)
+    placement: Placement = field(default_factory=Placement)
+    smooth: float | None = None  # SmoothQuant migration strength (alpha) for MatMul/Gemm inputs; None: off
+
+    @classmethod
+    def of(cls, smooth: float | None = None, **settings) -> QuantConfig:
+        """A config from flat keywords, each given to the part that owns it:
+        `QuantConfig.of(wbits=4, abits=4, exclude=("head",), act_init="minmax")`."""
+        parts = [part(**{f.name: settings.pop(f.name) for f in fields(part) if f.name in settings})
+                 for part in (Widths, Scheme, Placement)]
+        if settings:
+            raise TypeError(f"QuantConfig.of: no setting named {', '.join(sorted(settings))}")
+        return cls(*parts, smooth=smooth)
+
+    def __post_init__(self):
+        if self.smooth is not None and not 0.0 < self.smooth < 1.0:
+            raise QLimitError(f"--smooth must be between 0 and 1 (got {self.smooth})")
