@@ -74,8 +74,7 @@ def search(ctx: Context, state: QuantState) -> SearchResult:
     _check_reachable(problem, const, names, budgets)
     result_extra: dict = {}
     if config.targets.metric is not None:
-        choice, result_extra = _meet_metric(mirror, state, table, problem, const, names, config,
-                                            ctx.eval_data or EvalData(feeds), ctx.options.seed)
+        choice, result_extra = _meet_metric(ctx, state, table, problem, const, names)
     else:
         choice = solve(problem, config.solver, config.ga, ctx.options.seed)
         if choice is None:
@@ -143,10 +142,11 @@ def _unreachable_together(problem, const, names, budgets) -> str:
     return f"these budgets cannot be met together: {parts}"
 
 
-def _meet_metric(mirror: Mirror, state: QuantState, table: SensitivityTable, problem: Problem, const: np.ndarray,
-                 names: list[str], config: MixedConfig, data: EvalData, seed: int) -> tuple[list[int], dict]:
+def _meet_metric(ctx: Context, state: QuantState, table: SensitivityTable, problem: Problem, const: np.ndarray,
+                 names: list[str]) -> tuple[list[int], dict]:
     """The smallest plan on the primary budget (the first one given, else size) that keeps the
     target metric with round-to-nearest, by bisection over plans along the budget."""
+    config, seed = ctx.options.mixed, ctx.options.seed
     low = _reachable(problem, const, 0)
     high = float(const[0] + sum(c[:, 0].max() for c in problem.costs))
     cap = problem.limits[0] + const[0]
@@ -160,7 +160,7 @@ def _meet_metric(mirror: Mirror, state: QuantState, table: SensitivityTable, pro
     if not plans:
         raise QLimitError(_unreachable_together(problem, const, names, config.targets.budgets()))
     plans.sort(key=lambda c: float(problem.totals(c)[1][0]))
-    scorer = _PlanScorer(mirror, state, data)
+    scorer = _PlanScorer(ctx.mirror, state, ctx.eval_data or EvalData(ctx.feeds))
     frontier: list[dict] = []
 
     def score(i: int) -> float:
