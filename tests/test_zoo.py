@@ -34,7 +34,7 @@ def _session(path: Path) -> ort.InferenceSession:
 
 def test_zoo_index_lists_models():
     assert {m["name"] for m in ZOO["models"]} >= {"zoo_resnet", "zoo_mobilenetv2"}, \
-        "models/zoo.json missing or incomplete: run `python tools/build_zoo.py`"
+        "models/zoo.json missing or incomplete: run `python -m tools.build_zoo`"
 
 
 @pytest.mark.parametrize("entry", ZOO["models"], ids=lambda e: e["name"])

@@ -1,16 +1,17 @@
 """Peak memory of a quantization run on a random-weight transformer bigger than half of RAM.
 
-    python tools/big_model.py                      # 17 layers of width 4096: 13.7 GB of float weights
-    python tools/big_model.py --method qdrop --iters 20
-    python tools/big_model.py --layers 2           # a quick look (1.6 GB)
+    python -m tools.big_model                      # 17 layers of width 4096: 13.7 GB of float weights
+    python -m tools.big_model --method qdrop --iters 20
+    python -m tools.big_model --layers 2           # a quick look (1.6 GB)
 
 The model (pre-LayerNorm encoder layers: attention, then a 4x MLP) is written straight
 to an external data file, tensor by tensor, so making it never holds it either; it is
 cached in --folder and reused. The run is the real CLI in a child process; a sampler
 reads the child's /proc status every half second. Printed: the model's size, the run's
 peak resident memory (VmHWM), its peak anonymous memory (what the kernel cannot drop),
-its peak file-backed share (the mapped weights: page cache, dropped under pressure), and
-the machine's RAM.
+its peak file-backed share (the mapped weights: page cache, dropped under pressure), the
+machine's RAM and the quality line of the run's report. --jsonl PATH appends the
+measurement; --json PATH writes it as a one-row docs/results record.
 """
 from __future__ import annotations
 
@@ -145,7 +146,20 @@ def ram_bytes() -> int:
         return int(f.readline().split()[1]) * 1024
 
 
-def main() -> int:
+def quality(report_path: Path) -> str:
+    """The run's quality line (float vs the file), from the report it wrote."""
+    from onnxqlimit.evaluate import OutputQuality, format_quality
+
+    try:
+        q = json.loads(report_path.read_text())["quality"]
+    except (OSError, ValueError, KeyError):
+        return "-"
+    return format_quality([OutputQuality(**o) for o in q["outputs"]]) if q else "-"
+
+
+def main(argv=None) -> int:
+    from tools.common import Table, bits_option, widths  # here: build() stays numpy and onnx only
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=17)
     ap.add_argument("--hidden", type=int, default=4096)
@@ -154,11 +168,12 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=8, help="calibration samples")
     ap.add_argument("--method", default="rtn")
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--bits", default="W8A8", help="W<w>A<a>")
+    ap.add_argument("--bits", default="W8A8", type=bits_option, metavar="WxAy")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--folder", type=Path, default=Path.home() / ".cache" / "onnxqlimit" / "big")
-    ap.add_argument("--json", type=Path, help="write the measurement here")
-    args = ap.parse_args()
+    ap.add_argument("--jsonl", type=Path, help="append the measurement here")
+    ap.add_argument("--json", help="write the result as a one-row docs/results record here")
+    args = ap.parse_args(argv)
 
     args.folder.mkdir(parents=True, exist_ok=True)
     name = f"transformer_{args.layers}x{args.hidden}"
@@ -173,11 +188,13 @@ def main() -> int:
         np.savez(calib, x=rng.standard_normal((args.samples, args.seq, args.hidden), dtype=np.float32))
     size = model.stat().st_size + (args.folder / f"{model.name}.data").stat().st_size
     out = args.folder / "out" / f"{name}_{args.bits}_{args.method}.onnx"
-    wbits, abits = args.bits[1:].split("A")
+    wbits, abits = widths(args.bits)
+    report = out.with_suffix(".json")
+    report.unlink(missing_ok=True)
     command = [sys.executable, "-m", "onnxqlimit", "quantize", str(model), "-o", str(out), "--calib", str(calib),
-               "--wbits", wbits, "--abits", abits, "--method", args.method, "--iters", str(args.iters),
+               "--wbits", str(wbits), "--abits", str(abits), "--method", args.method, "--iters", str(args.iters),
                "--calib-size", str(args.samples), "--batch-size", str(min(args.samples, 4)),
-               "--report", str(out.with_suffix(".json"))]
+               "--report", str(report)]
     if args.threads:
         command += ["--threads", str(args.threads)]
     print(" ".join(command), flush=True)
@@ -191,8 +208,21 @@ def main() -> int:
     print(f"peak resident {result['peak_rss'] / gib:.2f} GiB = anonymous {result['peak_anon'] / gib:.2f} GiB (peak) + "
           f"file-backed {result['peak_file'] / gib:.2f} GiB (peak; mapped weights, page cache)")
     print(f"output {out_size / gib:.2f} GiB")
+    result["quality"] = quality(report)
+    print(f"quality: {result['quality']}")
+    if args.jsonl:
+        with args.jsonl.open("a") as fh:
+            fh.write(json.dumps(result) + "\n")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        table = Table(["run", "time", "peak resident", "peak anonymous", "peak file-backed", "output",
+                       "quality (float mirror vs file)"], args.json, "Peak memory on a transformer bigger than half of RAM",
+                      f"{name}: {size / gib:.2f} GiB of float weights, {result['ram_bytes'] / gib:.1f} GiB of RAM; "
+                      f"{args.samples} calibration samples of {args.seq} tokens"
+                      + (f", {args.iters} iterations per block" if args.method != "rtn" else "") + ".")
+        table.header()
+        table.add(f"{args.bits} {args.method}" + ("" if result["returncode"] == 0 else f" (exit {result['returncode']})"),
+                  f"{result['seconds']:.0f} s", f"{result['peak_rss'] / gib:.2f} GiB", f"{result['peak_anon'] / gib:.2f} GiB",
+                  f"{result['peak_file'] / gib:.2f} GiB", f"{out_size / gib:.2f} GiB", result["quality"])
     return result["returncode"]
 
 

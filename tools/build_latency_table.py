@@ -1,6 +1,6 @@
 """Per-node onnxruntime latency table for the mixed-precision search's --target-latency.
 
-    python tools/build_latency_table.py MODEL.onnx --calib CALIB.npz [--pairs 8/8,4/8,4/4,2/4] [--out table.json]
+    python -m tools.build_latency_table MODEL.onnx --calib CALIB.npz [--pairs 8/8,4/8,4/4,2/4] [--out table.json]
 
 Every Conv / ConvTranspose / Gemm / MatMul is timed alone (float, and as QDQ at each
 wbits/abits pair) on sample 0 of the calibration data; see onnxqlimit/mixed/latency.py.
@@ -15,11 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from onnxqlimit.data import graph_inputs, load_npz  # noqa: E402
-from onnxqlimit.errors import QLimitError  # noqa: E402
-from onnxqlimit.load import LoadConfig, load_model  # noqa: E402
-from onnxqlimit.mixed.latency import FLOAT, model_latency_ms, node_latency_table, nodes_of, pair_key  # noqa: E402
+from onnxqlimit.data import graph_inputs, load_npz
+from onnxqlimit.errors import QLimitError
+from onnxqlimit.load import LoadConfig, load_model
+from onnxqlimit.mixed.latency import FLOAT, model_latency_ms, node_latency_table, nodes_of, pair_key
 
 
 def parse_pairs(text: str) -> list[tuple[int, int]]:

@@ -13,14 +13,13 @@ for the quantizer to fold) are trained for a fixed number of epochs with fixed s
 and 2 threads, exported to ONNX opset 13 (input "input" [batch,3,32,32] ->
 "logits" [batch,10]) and scored with onnxruntime.
 
-    python tools/build_zoo.py [--out DIR]
+    python -m tools.build_zoo [--out DIR]
 """
 from __future__ import annotations
 
 import argparse
 import io
 import json
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -29,10 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.archs import MobileNetV2, ResNet, export_onnx  # noqa: E402
+from tools.archs import MobileNetV2, ResNet, export_onnx
+from tools.tasks import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 OPSET, THREADS = 13, 2
 N_TRAIN, N_VAL, N_CALIB = 40000, 2000, 256
 SEED_TRAIN, SEED_VAL, SEED_CALIB = 1, 2, 3  # independent data streams
@@ -134,7 +132,7 @@ def to_float(x_u8: np.ndarray) -> np.ndarray:
 
 # -------------------------------------------------------------------------- models
 
-MODELS = {
+RECIPES = {  # the zoo's models and how they are trained (tools/common.py has the benchmark registry)
     "zoo_resnet": dict(
         arch="ResNet([1, 1, 1], [16, 32, 64], 10, stem='cifar')",
         make=lambda: ResNet([1, 1, 1], [16, 32, 64], 10, stem="cifar"),
@@ -254,8 +252,8 @@ def main(argv=None) -> None:
                     "seeds": {"train": SEED_TRAIN, "val": SEED_VAL, "calib": SEED_CALIB},
                     "num_train": N_TRAIN,
                     "shared_data": "each model has its own calib/val files, with identical contents"},
-           "command": "python tools/build_zoo.py", "models": []}
-    for name, spec in MODELS.items():
+           "command": "python -m tools.build_zoo", "models": []}
+    for name, spec in RECIPES.items():
         torch.manual_seed(spec["train"]["seed"])
         model = spec["make"]()
         n_params = sum(p.numel() for p in model.parameters())

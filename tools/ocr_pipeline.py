@@ -6,8 +6,8 @@ headless build serves it):
     pip install --no-deps rapidocr-onnxruntime==1.4.4
     pip install opencv-python-headless pyclipper shapely six
 
-    python tools/ocr_pipeline.py --configs W4A8 W4A4mp W8A8 --ort
-    python tools/ocr_pipeline.py --configs W4A8 --pages 10 --iters 50      # a quick look
+    python -m tools.ocr_pipeline --configs W4A8 W4A4mp W8A8 --ort
+    python -m tools.ocr_pipeline --configs W4A8 --pages 10 --iters 50      # a quick look
 
 Calibration: det on 32 rendered 640x640 pages; cls and rec, by default, on what the float
 pipeline feeds them on 48 other pages (its own crops; `--calib-source rendered` uses lines
@@ -15,8 +15,8 @@ rendered alone instead, which the pipeline's crops do not resemble closely enoug
 rec then lost 5.4% of the float pipeline's text on its own).
 
 Configs: WxAy quantizes all three models at that uniform width (first/last layers at 8
-bits, the quantizer's default); WxAymp gives each model a mixed-precision plan (weights
-2/3/4/8, activations 4/8) at the BitOps of its own uniform WxAy model. RapidOCR then runs det at 736 (its limit_type
+bits, the quantizer's default); WxAymp gives each model a mixed-precision plan (the
+search's default choices: weights 2/3/4/8, activations 4/8) at the BitOps of its own uniform WxAy model. RapidOCR then runs det at 736 (its limit_type
 min), rec at the batch's widest line and cls at 192: shapes the quantized files were not
 calibrated at.
 
@@ -26,6 +26,9 @@ distances of matched lines + characters of missed lines + characters of extra de
 / ground-truth characters, spaces ignored (the Chinese-trained rec model drops spaces
 between words; see tasks.rec_metrics). "vs float" is the ratio of the accuracies; the
 issue's targets are >= 97% at W4A8 and >= 90% for the W4A4-class mixed plan.
+
+Rows print as they finish (--jsonl keeps them), then the table (--json PATH keeps it as a
+docs/results record).
 """
 from __future__ import annotations
 
@@ -39,13 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from onnxqlimit.mixed.search import MixedConfig, Targets  # noqa: E402
-from onnxqlimit.mixed.sensitivity import SensitivityConfig  # noqa: E402
-from onnxqlimit.quant.policy import QuantConfig  # noqa: E402
-from onnxqlimit.quantize import RunOptions, quantize  # noqa: E402
-from tools import tasks  # noqa: E402
-from tools.bench_mixed import ACHOICES, WCHOICES, shared_source  # noqa: E402
+from onnxqlimit import MixedConfig, QuantConfig, RunOptions, Targets, quantize
+from tools import tasks
+from tools.common import Table, at_opset, recon_config
 
 MODELS = ("det", "cls", "rec")
 CONFIG = re.compile(r"W(\d)A(\d+)(mp)?")
@@ -155,22 +154,20 @@ def quantize_models(sources: dict[str, Path], calib: dict, config: str, out: Pat
             info[name] = {"seconds": float("nan"), "size_bytes": target.stat().st_size, "reused": True}
             print(f"  {config} {name}: reused {target.name}", flush=True)
             continue
-        options = RunOptions(calib_size=len(calib[name]["x"]), iters=args.iters, progress=False,
+        options = RunOptions(recon=recon_config(iters=args.iters, calib_size=len(calib[name]["x"])), progress=False,
                              threads=args.threads)
-        qconfig = QuantConfig(wbits=wbits, abits=abits)
+        qconfig = QuantConfig.of(wbits=wbits, abits=abits)
         if mixed:  # the budget: this model's uniform WxAy BitOps, measured on an RTN file
             rtn = quantize(sources[name], out / f"{name}_{config}_rtn.onnx", calib[name], qconfig,
-                           RunOptions(method="rtn", progress=False, threads=args.threads)).report
-            budget = rtn["costs"]["bitops"]
-            options.mixed = MixedConfig(Targets(bitops=budget),
-                                        SensitivityConfig(wbits_choices=WCHOICES, abits_choices=ACHOICES),
-                                        work_dir=out / "mixed" / name)
+                           RunOptions(recon=recon_config("rtn"), progress=False, threads=args.threads)).report
+            options.mixed = MixedConfig(Targets(bitops=rtn.costs["bitops"]))
+            options.work_dir = str(out / "mixed" / name)
             qconfig = QuantConfig()
         start = time.perf_counter()
         report = quantize(sources[name], target, calib[name], qconfig, options).report
         paths[name] = target
-        info[name] = {"seconds": time.perf_counter() - start, "size_bytes": report["costs"]["size_bytes"],
-                      "bitops": report["costs"]["bitops"]}
+        info[name] = {"seconds": time.perf_counter() - start, "size_bytes": report.costs["size_bytes"],
+                      "bitops": report.costs["bitops"]}
         print(f"  {config} {name}: {info[name]['seconds']:.0f} s, {info[name]['size_bytes'] / 1e6:.2f} MB",
               flush=True)
     return paths, info
@@ -203,7 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ort", action="store_true", help="also onnxruntime quantize_static at the uniform widths")
     ap.add_argument("--keep", help="folder for the quantized files (default: a temporary one)")
-    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--jsonl", help="append one JSON record per row")
+    ap.add_argument("--json", help="write the table as a docs/results record here")
     args = ap.parse_args(argv)
     for config in args.configs:
         if not CONFIG.fullmatch(config):
@@ -215,15 +213,23 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         # One opset for every run (the widest search needs 25 for 2-bit weights), so uniform
         # and mixed files quantize one simplified graph.
-        sources = {name: shared_source(tasks.model_path(name), out / f"{name}_src.onnx", 25) for name in MODELS}
+        sources = {name: at_opset(tasks.model_path(name), out / f"{name}_src.onnx", 25) for name in MODELS}
         calib = {"det": tasks.calibration("det", args.calib[0])}
         if args.calib_source == "pipeline":  # calibration pages: seed 1000, disjoint from the evaluation pages
             calib.update(pipeline_calibration(sources, tasks.page_dataset(args.calib_pages, tasks.CALIB_SEED)[0],
                                               args.calib[1], args.calib[2]))
         else:
             calib.update({name: tasks.calibration(name, n) for name, n in zip(MODELS[1:], args.calib[1:])})
+        rows: list[dict] = []
+
+        def keep(row: dict) -> None:
+            rows.append(row)
+            if args.jsonl:  # row by row: a long run that is stopped keeps what it measured
+                with open(args.jsonl, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+
         float_acc = text_accuracy(read_pages(sources, pages), boxes, texts)
-        rows = [{"config": "float", "method": "-", **float_acc, "size_bytes": sum(p.stat().st_size for p in sources.values())}]
+        keep({"config": "float", "method": "-", **float_acc, "size_bytes": sum(p.stat().st_size for p in sources.values())})
         print(f"float: char {float_acc['char_acc']:.4f} line {float_acc['line_acc']:.3f} on {args.pages} pages "
               f"({sum(map(len, texts))} lines)", flush=True)
         for config in args.configs:
@@ -239,29 +245,32 @@ def main(argv=None) -> int:
                         alone = text_accuracy(read_pages({**sources, name: paths[name]}, pages), boxes, texts)
                         info[name]["alone_char_acc"] = alone["char_acc"]
                 except Exception as err:  # noqa: BLE001 - a model that fails to quantize or load is a result
-                    rows.append({"config": config, "method": method, "error": f"{type(err).__name__}: {err}"[:160]})
+                    keep({"config": config, "method": method, "error": f"{type(err).__name__}: {err}"[:160]})
                     print(f"{config} {method}: {rows[-1]['error']}", flush=True)
                     continue
-                rows.append({"config": config, "method": method, **acc, "models": info,
-                             "size_bytes": sum(i["size_bytes"] for i in info.values())})
-                if args.json:  # after every row: a long run that is stopped keeps what it measured
-                    Path(args.json).write_text(json.dumps(rows, indent=1))
+                keep({"config": config, "method": method, **acc, "models": info,
+                      "size_bytes": sum(i["size_bytes"] for i in info.values())})
                 print(f"{config} {method}: char {acc['char_acc']:.4f} ({acc['char_acc'] / float_acc['char_acc']:.1%} "
                       f"of float) line {acc['line_acc']:.3f}; one model quantized: "
                       + ", ".join(f"{n} {info[n]['alone_char_acc']:.4f}" for n in MODELS), flush=True)
-    print("\n| config | method | char acc | vs float | line acc | only det / cls / rec quantized | size vs float | time |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print()
+    table = Table(["config", "method", "char acc", "vs float", "line acc", "only det / cls / rec quantized",
+                   "size vs float", "time"], args.json, "The OCR pipeline end to end",
+                  f"RapidOCR on {args.pages} rendered pages; calibration: det {args.calib[0]} pages, cls / rec "
+                  f"{args.calib[1]} / {args.calib[2]} lines ({args.calib_source})"
+                  + (f"; {args.iters} iterations per block" if args.iters else "") + ".")
+    table.header()
     base = rows[0]
     for r in rows:
         if "error" in r:
-            print(f"| {r['config']} | {r['method']} | n/a: {r['error'][:60]} | | | | | |")
+            table.add(r["config"], r["method"], f"n/a: {r['error'][:60]}", "", "", "", "", "")
             continue
         models = r.get("models", {})
         secs = sum(i["seconds"] for i in models.values() if not i.get("reused"))
         alone = " / ".join(f"{models[n]['alone_char_acc']:.4f}" for n in MODELS) if models else "-"
-        print(f"| {r['config']} | {r['method']} | {r['char_acc']:.4f} | {r['char_acc'] / base['char_acc']:.1%} | "
-              f"{r['line_acc']:.3f} | {alone} | {r['size_bytes'] / base['size_bytes']:.2f}x | {secs:.0f} s"
-              f"{' + reused files' if any(i.get('reused') for i in models.values()) else ''} |")
+        table.add(r["config"], r["method"], f"{r['char_acc']:.4f}", f"{r['char_acc'] / base['char_acc']:.1%}",
+                  f"{r['line_acc']:.3f}", alone, f"{r['size_bytes'] / base['size_bytes']:.2f}x",
+                  f"{secs:.0f} s" + (" + reused files" if any(i.get("reused") for i in models.values()) else ""))
     return 0
 
 

@@ -10,7 +10,7 @@ only when every op in its graph has a converter; it then ends as
 The data comes from `onnx/backend/test/data/node` when the installed wheel ships it, else
 it is generated in memory from onnx's own case definitions (same models and data).
 
-    python tools/onnx_node_tests.py [OpType ...]     # per-op table for the registry
+    python -m tools.onnx_node_tests [OpType ...]     # per-op table for the registry
 """
 from __future__ import annotations
 
@@ -26,13 +26,9 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from onnxqlimit.errors import QLimitError  # noqa: E402
-from onnxqlimit.mirror import Mirror  # noqa: E402
-from onnxqlimit.ops.registry import as_tensor, get_converter, supported_ops  # noqa: E402
+from onnxqlimit.errors import QLimitError
+from onnxqlimit.mirror import Mirror
+from onnxqlimit.ops.registry import as_tensor, get_converter, supported_ops
 
 # Cases expected to fail, with the reason. The test suite fails both on a failure not
 # listed here and on a listed case that no longer fails, so this list stays honest.

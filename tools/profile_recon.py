@@ -1,6 +1,6 @@
 """Where the block-tuning loop spends its time: a per-phase and per-op split.
 
-    python tools/profile_recon.py --models face cls rec yolo320 det minilm --iters 40
+    python -m tools.profile_recon --models face cls rec yolo320 det minilm --iters 40
 
 Runs quantize() (qdrop, W4A4 unless --bits, --iters iterations per block, --calib-size
 samples; early stopping off) under torch's profiler and splits the wall time of the tuning
@@ -22,13 +22,12 @@ from pathlib import Path
 import torch
 from torch.autograd.profiler import record_function
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from onnxqlimit.mirror import Mirror  # noqa: E402
-from onnxqlimit.quant import adaround, fake_quant  # noqa: E402
-from onnxqlimit.quant.policy import QuantConfig  # noqa: E402
-from onnxqlimit.quantize import RunOptions, quantize  # noqa: E402
-from onnxqlimit.recon import ReconConfig, runner, tune  # noqa: E402
-from tools.speed_models import MODELS, prepare  # noqa: E402
+from onnxqlimit import QuantConfig, RunOptions, quantize
+from onnxqlimit.mirror import Mirror
+from onnxqlimit.quant import adaround, fake_quant
+from onnxqlimit.recon import runner, tune
+from tools.bench_speed import MODELS
+from tools.common import bits_option, load, recon_config, widths
 
 PHASES = ("batch", "forward", "loss", "regularizer", "backward", "optimizer")
 MATMUL = ("conv", "mm", "bmm", "addmm", "matmul", "linear", "mkldnn")
@@ -127,22 +126,22 @@ def report(name: str, parts: dict[str, float], recon: dict, top_ops: int = 0) ->
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--bits", default="W4A4")
+    ap.add_argument("--bits", default="W4A4", type=bits_option, metavar="WxAy")
     ap.add_argument("--iters", type=int, default=40)
     ap.add_argument("--calib-size", type=int)
     ap.add_argument("--top", type=int, default=0, help="also list the N operators with the most own time")
     args = ap.parse_args(argv)
-    wbits, abits = int(args.bits[1]), int(args.bits[3])
+    wbits, abits = widths(args.bits)
     instrument()
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            model = prepare(name, Path(tmp), args.calib_size)
+            model = load(name, Path(tmp))
+            calib = model.calibration(args.calib_size or (256 if name.startswith("zoo") else None))
+            recon = recon_config(iters=args.iters, calib_size=len(next(iter(calib.values()))), early_stop=False)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                result = quantize(model.path, Path(tmp) / f"{name}_q.onnx", model.calib,
-                                  QuantConfig(wbits=wbits, abits=abits),
-                                  RunOptions(iters=args.iters, progress=False, calib_size=model.calib_size,
-                                             recon=ReconConfig(early_stop=False)))
-            print(report(name, split(prof), result.report["reconstruction"], args.top), flush=True)
+                result = quantize(model.path, Path(tmp) / f"{name}_q.onnx", calib, QuantConfig.of(wbits=wbits, abits=abits),
+                                  RunOptions(recon=recon, progress=False))
+            print(report(name, split(prof), result.report.reconstruction, args.top), flush=True)
     return 0
 
 

@@ -22,7 +22,7 @@ API (data tuples go straight into `evaluate`):
   calibration(model_name, n=None, seed=1000) -> {input_name: array}
   evaluate(model_path_or_bytes, task, data) -> metrics dict
   model_path(name) -> Path   (name in rec, cls, det, zoo_resnet, zoo_mobilenetv2)
-Float scores and the onnxruntime baselines: python tools/eval_float.py [--float-only]
+Float scores and the onnxruntime baselines: python -m tools.eval_float [--float-only]
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """How well the Fisher sensitivities predict the real loss increase (rank correlation).
 
-    python tools/validate_sensitivity.py --models zoo_resnet rec
-    python tools/validate_sensitivity.py --models zoo_mobilenetv2 --samples 64 --joint 40
+    python -m tools.validate_sensitivity --models zoo_resnet rec
+    python -m tools.validate_sensitivity --models zoo_mobilenetv2 --samples 64 --joint 40
 
 For every searchable quantizer and every width below its widest: the predicted increase
 of the label-free task loss (the diagonal of the sensitivity table: the block's output
@@ -10,7 +10,8 @@ measured increase (the whole model run with only that quantizer quantized, task 
 against the float model on the same samples). Spearman's rho over all pairs, and per kind.
 Then, for --joint block configurations (several quantizers lowered at once), measured
 against the jointly measured prediction and against the sum of the diagonal terms: what
-measuring combinations buys over assuming independence inside a block.
+measuring combinations buys over assuming independence inside a block. --json PATH keeps
+the table as a docs/results record.
 """
 from __future__ import annotations
 
@@ -18,71 +19,74 @@ import argparse
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from onnxqlimit.recon.blocks import BlockConfig  # noqa: E402
-from onnxqlimit.calibrate import attach_quantizers, calibrate, set_enabled  # noqa: E402
-from onnxqlimit.data import batches  # noqa: E402
-from onnxqlimit.recon.fisher import task_loss  # noqa: E402
-from onnxqlimit.load import LoadConfig, load_model  # noqa: E402
-from onnxqlimit.mirror import Mirror  # noqa: E402
-from onnxqlimit.mixed.costs import CostModel  # noqa: E402
-from onnxqlimit.mixed.sensitivity import SensitivityConfig, measure  # noqa: E402
-from onnxqlimit.quant.policy import QuantConfig, place  # noqa: E402
-from onnxqlimit.state import QuantState  # noqa: E402
-from tools import tasks  # noqa: E402
+from onnxqlimit import (
+    MixedConfig,
+    QuantConfig,
+    ReconConfig,
+    RunOptions,
+    SensitivityConfig,
+    Targets,
+    place_and_calibrate,
+    prepare,
+)
+from onnxqlimit.data import batches
+from onnxqlimit.mirror import Mirror
+from onnxqlimit.mixed.costs import CostModel
+from onnxqlimit.mixed.sensitivity import measure
+from onnxqlimit.quant.fake_quant import quantizers_disabled
+from onnxqlimit.recon.fisher import task_loss
+from onnxqlimit.state import QuantState
+from tools.common import Table, load
 
 
 def measured_increase(mirror: Mirror, state: QuantState, feeds, reference, bits: dict[str, int], chunk: int) -> float:
     """Task loss of the whole model with only the quantizers in `bits` on, at those widths."""
-    set_enabled(state.quantizers, False)
     points = {p.tensor: p for p in state.points}
-    for tensor, width in bits.items():
-        quantizer = state.quantizers[tensor]
-        quantizer.spec = replace(points[tensor].spec, bits=width)
-        quantizer.set_qparams(*state.calibration.qparams(points[tensor], width))
-        quantizer.enabled = True
     total = 0.0
-    with torch.no_grad():
-        for i, batch in enumerate(batches(feeds, chunk)):
-            out = mirror.run(batch)
-            total += sum(float(task_loss(reference[i][k], out[k])) for k in out if out[k].is_floating_point())
-    for tensor in bits:  # back to the point's own width
-        point = points[tensor]
-        state.quantizers[tensor].spec = point.spec
-        state.quantizers[tensor].set_qparams(*state.calibration.qparams(point, point.spec.bits))
-    set_enabled(state.quantizers, True)
+    with quantizers_disabled(state.quantizers):
+        for tensor, width in bits.items():
+            quantizer = state.quantizers[tensor]
+            quantizer.spec = replace(points[tensor].spec, bits=width)
+            quantizer.set_qparams(*state.calibration.qparams(points[tensor], width))
+            quantizer.enabled = True
+        try:
+            with torch.no_grad():
+                for i, batch in enumerate(batches(feeds, chunk)):
+                    out = mirror.run(batch)
+                    total += sum(float(task_loss(reference[i][k], out[k])) for k in out if out[k].is_floating_point())
+        finally:
+            for tensor in bits:  # back to the point's own width
+                point = points[tensor]
+                state.quantizers[tensor].spec = point.spec
+                state.quantizers[tensor].set_qparams(*state.calibration.qparams(point, point.spec.bits))
     return total / len(next(iter(feeds.values())))
 
 
 def validate(name: str, samples: int, joint: int, chunk: int) -> dict:
-    loaded = load_model(str(tasks.model_path(name)), LoadConfig(min_opset=25))
-    mirror = Mirror(loaded)
-    feeds = tasks.calibration(name, samples)
-    config = QuantConfig()
-    points = place(loaded, config)
-    quantizers = attach_quantizers(mirror, points)
-    state = QuantState(points, quantizers, calibrate(mirror, points, quantizers, list(batches(feeds, chunk)), config,
-                                                     progress=False))
-    costs = CostModel(loaded, mirror, points, quantizers, feeds)
+    model = load(name)
+    # A target, so that prepare() loads the model at the opset the search's widths need, as a search run does.
+    options = RunOptions(recon=ReconConfig(calib_size=samples, batch_size=chunk),
+                         mixed=MixedConfig(Targets(avg_wbits=8.0)), progress=False)
+    ctx = prepare(model.path, model.calibration(samples), QuantConfig(), options)
+    state = place_and_calibrate(ctx)
+    mirror, feeds, points, quantizers = ctx.mirror, ctx.feeds, state.points, state.quantizers
+    costs = CostModel(ctx.model, mirror, points, quantizers, feeds)
     ops_hint: dict[str, float] = {}
     for node in costs.nodes:
         for t in (node.weight, node.act):
             if t:
                 ops_hint[t] = ops_hint.get(t, 0.0) + node.macs
     started = time.perf_counter()
-    table = measure(mirror, loaded, state, feeds, SensitivityConfig(samples=samples, chunk=chunk), BlockConfig(),
-                    (dict(costs.numel), ops_hint), progress=False)
+    table = measure(mirror, ctx.model, state, feeds, SensitivityConfig(samples=samples, chunk=chunk),
+                    ctx.recon.block_config, (dict(costs.numel), ops_hint), seed=0, progress=False)
     seconds = time.perf_counter() - started
-    set_enabled(quantizers, False)
-    with torch.no_grad():
+    with quantizers_disabled(quantizers), torch.no_grad():
         reference = [mirror.run(b) for b in batches(feeds, chunk)]
-    set_enabled(quantizers, True)
     kinds = {p.tensor: p.kind for p in points}
     rows = []
     for tensor, by_width in table.diagonal.items():
@@ -120,17 +124,21 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument("--joint", type=int, default=30, help="multi-quantizer block configurations to check")
+    ap.add_argument("--json", help="write the table as a docs/results record here")
     args = ap.parse_args(argv)
-    print("| model | pairs (w / a) | Spearman rho all | weights | activations | joint configs | rho joint "
-          "| rho sum of diagonal | median rel. error joint / sum | sensitivity s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    table = Table(["model", "pairs (w / a)", "Spearman rho all", "weights", "activations", "joint configs",
+                   "rho joint", "rho sum of diagonal", "median rel. error joint / sum", "sensitivity s"], args.json,
+                  "Mixed precision: predicted against measured loss increase",
+                  f"{args.samples} calibration samples in chunks of {args.chunk}; up to {args.joint} joint block "
+                  "configurations per model.")
+    table.header()
+    nan = float("nan")
     for name in args.models:
         r = validate(name, args.samples, args.joint, args.chunk)
-        print(f"| {name} | {r['pairs']} ({r['pairs_weight']} / {r['pairs_activation']}) | {r['rho_all']:.3f} | "
-              f"{r['rho_weight']:.3f} | {r['rho_activation']:.3f} | {r.get('joint_configs', 0)} | "
-              f"{r.get('rho_joint', float('nan')):.3f} | {r.get('rho_sum_of_diagonal', float('nan')):.3f} | "
-              f"{r.get('joint_rel_error', float('nan')):.2f} / {r.get('sum_rel_error', float('nan')):.2f} | "
-              f"{r['sensitivity_s']:.1f} |", flush=True)
+        table.add(name, f"{r['pairs']} ({r['pairs_weight']} / {r['pairs_activation']})", f"{r['rho_all']:.3f}",
+                  f"{r['rho_weight']:.3f}", f"{r['rho_activation']:.3f}", r.get("joint_configs", 0),
+                  f"{r.get('rho_joint', nan):.3f}", f"{r.get('rho_sum_of_diagonal', nan):.3f}",
+                  f"{r.get('joint_rel_error', nan):.2f} / {r.get('sum_rel_error', nan):.2f}", f"{r['sensitivity_s']:.1f}")
     return 0
 
 
