@@ -75,12 +75,12 @@ def test_qdrop_mixes_quantized_and_float_elements():
     fq = FakeQuantize(QuantSpec(2, False))
     fq.set_qparams(torch.tensor(1.0), torch.tensor(2.0))
     quantized = fq(x)
-    fq.drop_prob = 0.5
+    fq.quant_prob = 0.5
     mixed = fq(x)
     from_quantized = (mixed == quantized) & (mixed != x)
     from_float = (mixed == x) & (mixed != quantized)
     assert 0.4 < from_quantized.float().mean() < 0.6 and 0.4 < from_float.float().mean() < 0.6
-    fq.drop_prob = None
+    fq.quant_prob = None
     assert torch.equal(fq(x), quantized)
 
 

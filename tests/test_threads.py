@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from onnxqlimit import QuantConfig
+from onnxqlimit import QuantConfig, Report
 from onnxqlimit.cli import main
 from onnxqlimit.errors import QLimitError
 from onnxqlimit.pipeline import RunOptions, cpu_threads, quantize
@@ -38,7 +38,7 @@ def four_cores(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-def run(tmp_path, options: RunOptions) -> dict:
+def run(tmp_path, options: RunOptions) -> Report:
     return quantize(MODELS / "zoo_resnet.onnx", tmp_path / "q.onnx", str(MODELS / "zoo_resnet_calib.npz"),
                     QuantConfig.of(wbits=8, abits=8), options).report
 
@@ -60,9 +60,9 @@ def test_policy(restore_threads, four_cores, monkeypatch):
 def test_user_setting_wins_and_is_restored(tmp_path, restore_threads, four_cores, monkeypatch):
     torch.set_num_threads(1)
     monkeypatch.setattr(quantize_module, "_THREADS_AT_IMPORT", 2)  # the user changed it after import
-    assert run(tmp_path, FAST)["threads"] == 1
+    assert run(tmp_path, FAST).threads == 1
     assert torch.get_num_threads() == 1
-    assert run(tmp_path, replace(FAST, threads=2))["threads"] == 2
+    assert run(tmp_path, replace(FAST, threads=2)).threads == 2
     assert torch.get_num_threads() == 1  # a library call leaves the process's setting as it found it
 
 
