@@ -16,12 +16,15 @@ from onnxqlimit.calibrate import attach_quantizers, calibrate
 from onnxqlimit.load import LoadConfig, load_model
 from onnxqlimit.mirror import Mirror
 from onnxqlimit.mixed.costs import CostModel
+from onnxqlimit.mixed.search import MixedConfig, Targets
+from onnxqlimit.mixed.sensitivity import SensitivityConfig
 from onnxqlimit.quant.bits import BitPlan
 from onnxqlimit.quant.fake_quant import QuantSpec
 from onnxqlimit.quant.observers import RangeObserver, weight_qparams
 from onnxqlimit.quant.policy import QuantConfig, place
 from onnxqlimit.quantize import RunOptions, quantize
 from onnxqlimit.state import QuantState
+from tests import cost_oracle
 from tests.onnx_builders import make, rand, tensor
 
 
@@ -184,6 +187,27 @@ def test_exported_file_costs_match_the_hand_formula(tmp_path, plan):
     types = {t.name: t.data_type for t in model.graph.initializer if t.name.endswith("_quantized")}
     signed = {2: TensorProto.INT2, 4: TensorProto.INT4, 8: TensorProto.INT8}
     assert types == {f"{w}_quantized": signed[container(plan[w])] for w in ("w1", "w2", "w3", "w4", "table")}
+
+
+@pytest.mark.parametrize("target", ["avg_wbits", "bitops", "size_bytes"])
+def test_a_searched_plan_costs_what_the_hand_formula_says(tmp_path, target):
+    """A search on the hand-built graph: whatever plan it picks, the file's costs are the hand
+    formula's for that plan, and by the hand formula the plan is within the budget (quantize()
+    only checks with its own cost model) without being the all-8-bit plan."""
+    limit = {"avg_wbits": 3.5, "bitops": 60_000.0, "size_bytes": 600.0}[target]
+    mixed = MixedConfig(Targets(**{target: limit}), SensitivityConfig(samples=8), work_dir=tmp_path / "work")
+    out = tmp_path / "q.onnx"
+    report = quantize(cost_model_proto(), out, cost_model_calib(), qconfig(first_last_bits=None),
+                      options(mixed=mixed)).report
+    plan = cost_oracle.recorded_plan(onnx.load(str(out)))
+    expected = hand_costs(plan)
+    assert report["costs"]["size_bytes"] == expected["size_bytes"]
+    assert report["costs"]["bitops"] == expected["bitops"]
+    assert report["costs"]["avg_wbits"] == pytest.approx(expected["avg_wbits"], rel=1e-12)
+    assert expected[target] <= limit < hand_costs(dict.fromkeys(plan, 8))[target], (plan, expected)
+    by_file = cost_oracle.file_costs(out)  # the generic file oracle agrees on this graph too
+    assert {k: by_file[k] for k in ("size_bytes", "bitops")} == {k: expected[k] for k in ("size_bytes", "bitops")}
+    assert by_file["avg_wbits"] == pytest.approx(expected["avg_wbits"], rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
