@@ -23,10 +23,12 @@ def zoo_calib(name: str) -> str:
 
 
 def assert_parity_report(report: dict) -> None:
-    # quantize() raises when parity is lost; check the numbers it reports too.
-    assert report["integer_parity"]["flipped"] <= 1e-4
-    for row in report["parity"]:
-        assert row["mean_diff_over_range"] <= 0.01, row
+    """quantize() refuses a file whose outputs or activation integers leave parity.py's
+    thresholds, so repeating those thresholds here could not fail. What can: a vacuous check
+    (no output compared, fewer integers counted than activation quantizers), or parity that
+    holds on average but not element by element."""
+    assert report["parity"] and report["integer_parity"]["elements"] >= report["quantizers"]["activations"] > 0
+    assert all(row["within_one_step"] >= 0.99 for row in report["parity"]), report["parity"]
 
 
 def weight_types(path) -> dict[str, int]:
