@@ -299,6 +299,35 @@ def test_attention_matmul_counts_its_second_input_as_the_weight(tmp_path):
     assert on["bitops"] == 64 * 8 * 8 + 64 * 8 * 4 + 80 * 8 * 8 + 64 * 4 * 4
 
 
+@pytest.mark.parametrize("act_init", ["minmax", "percentile"])
+def test_cli_scheme_and_placement_flags_reach_the_file(tmp_path, capsys, act_init):
+    """The command-line flags, end to end: --quantize-add/--quantize-concat/--quantize-attention
+    place the extra Q/DQ pairs, --weight-asymmetric --per-tensor give one unsigned scale and zero
+    point per weight, and --act-init sets the input's range from the calibration data (its
+    min/max, or numpy's percentile of its values)."""
+    from onnxqlimit.cli import main
+
+    model, calib, out = tmp_path / "m.onnx", tmp_path / "calib.npz", tmp_path / "q.onnx"
+    onnx.save(placement_proto(), str(model))
+    x = np.random.default_rng(2).standard_t(3, size=(16, 8)).astype(np.float32)
+    np.savez(calib, x=x)
+    assert main(["quantize", str(model), "-o", str(out), "--calib", str(calib), "--method", "rtn", "--quiet",
+                 "--quantize-add", "--quantize-concat", "--quantize-attention", "--weight-asymmetric", "--per-tensor",
+                 "--weight-init", "minmax", "--act-init", act_init, "--percentile", "95"]) == 0, capsys.readouterr().err
+    written = onnx.load(str(out))
+    acts, weights = qdq_positions(written)
+    assert acts == DEFAULT_ACTS | {"b", "t", "q", "qt"} and weights == {"w1", "w2", "w3"}
+    for name in weights:
+        ints, scale, zero, axis = _weights_in_file(written, name)
+        assert ints.data_type == TensorProto.UINT8 and axis is None and scale.shape == zero.shape == ()
+    inits = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    values = x.astype(np.float64).ravel()
+    lo, hi = (values.min(), values.max()) if act_init == "minmax" else np.percentile(values, [5, 95])
+    scale, zero = np_qparams(lo, hi, 8, False)
+    assert float(inits["x_scale"]) == pytest.approx(scale, rel=1e-5)
+    assert int(inits["x_zero_point"]) == zero and inits["x_zero_point"].dtype == np.uint8
+
+
 # ---------------------------------------------------------------------------------------------
 # Weight schemes in the file: asymmetric (unsigned, zero points) and per-tensor scales.
 
