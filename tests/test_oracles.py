@@ -210,6 +210,22 @@ def test_a_searched_plan_costs_what_the_hand_formula_says(tmp_path, target):
     assert by_file["avg_wbits"] == pytest.approx(expected["avg_wbits"], rel=1e-12)
 
 
+def test_reconstruction_flops_per_iteration_are_six_macs_per_sample(tmp_path):
+    """Tuning counts 2 FLOPs per MAC forward and twice that backward: a block's FLOPs per
+    iteration are 6 x batch x the MACs of the layers in its node range (hand numbers above)."""
+    report = quantize(cost_model_proto(), tmp_path / "q.onnx", cost_model_calib(), qconfig(first_last_bits=None),
+                      options(method="qdrop", iters=2, batch_size=8)).report
+    loaded_order = ["conv1", "relu1", "dw", "flat", "gemm", "gather", "add", "matmul"]  # as written
+    assert [n.name for n in load_model(cost_model_proto()).graph.node] == loaded_order  # block ranges index this
+    macs = {"conv1": MACS_CONV1, "dw": MACS_DW, "gemm": MACS_GEMM, "matmul": MACS_MATMUL}
+    blocks = report["reconstruction"]["blocks"]
+    assert sum(b["layers"] for b in blocks) == 4
+    for block in blocks:
+        start, stop = map(int, block["nodes"].split("-"))
+        block_macs = sum(macs.get(name, 0) for name in loaded_order[start:stop + 1])
+        assert block["gflop_per_iter"] == pytest.approx(6 * 8 * block_macs / 1e9, rel=1e-12), block
+
+
 # ---------------------------------------------------------------------------------------------
 # Placement: which tensors get a Q/DQ pair in the file, by flag.
 #
