@@ -89,6 +89,7 @@ def test_bad_option_values_are_usage_errors(capsys, small_model):
         assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_module_entry_point(small_model):
     result = subprocess.run([sys.executable, "-m", "onnxqlimit", "inspect", str(small_model)],
                             capture_output=True, text=True, timeout=120)

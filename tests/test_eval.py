@@ -14,6 +14,7 @@ from tests.conftest import MODELS
 MODEL, CALIB, VAL = (MODELS / f"zoo_resnet{s}" for s in (".onnx", "_calib.npz", "_val.npz"))
 
 
+@pytest.mark.slow
 def test_run_ends_with_quality_on_held_back_samples_and_eval_agrees(tmp_path, capsys):
     out, report = tmp_path / "q.onnx", tmp_path / "r.json"
     assert main(["quantize", str(MODEL), "-o", str(out), "--calib", str(CALIB), "--method", "rtn", "--wbits", "4",

@@ -80,6 +80,7 @@ def test_tighter_budget_gives_a_smaller_plan_with_a_larger_predicted_loss(tmp_pa
     assert tight["mixed_precision"]["predicted_loss"] > loose["mixed_precision"]["predicted_loss"]
 
 
+@pytest.mark.slow
 def test_unreachable_budget_is_one_line_and_exit_2(tmp_path, capsys):
     code = main(["quantize", RESNET, "-o", str(tmp_path / "x.onnx"), "--calib", CALIB, "--method", "rtn",
                  "--calib-size", "32", "--quiet", "--target-size", "5KB", "--work-dir", str(tmp_path / "w")])
@@ -130,6 +131,7 @@ def test_search_is_deterministic_for_a_seed(tmp_path, work_dir):
     assert plans[0] == plans[1]
 
 
+@pytest.mark.slow
 def test_sensitivities_are_cached_and_invalidated(tmp_path):
     work = tmp_path / "cache"
     first = _run(tmp_path, work, Targets(avg_wbits=4.0), "a").report["mixed_precision"]

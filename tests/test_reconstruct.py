@@ -152,6 +152,7 @@ def _calibrated(name: str, wbits: int, abits: int, samples: int = 64):
     return model, mirror, state, feeds
 
 
+@pytest.mark.slow
 def test_reconstruction_lowers_the_block_loss_and_leaves_no_dropping_behind(monkeypatch):
     model, mirror, state, feeds = _calibrated("zoo_resnet", 2, 4)
     seen = set()
@@ -196,6 +197,7 @@ def _top1(path, name: str) -> float:
     return 100 * float((logits.argmax(1) == val["label"]).mean())
 
 
+@pytest.mark.slow
 def test_qdrop_beats_rtn_end_to_end_with_export_parity(tmp_path):
     """W2A4 on the zoo ResNet, fixed seed, fast settings: the shipped file must be better."""
     config = QuantConfig(wbits=2, abits=4)
@@ -208,6 +210,7 @@ def test_qdrop_beats_rtn_end_to_end_with_export_parity(tmp_path):
     assert qdrop_top1 > rtn_top1 + 15, (rtn_top1, qdrop_top1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,extra", [("brecq", {}), ("adaround", {}), ("qdrop", {"loss": "fisher"})])
 def test_every_method_exports_with_parity(tmp_path, method, extra):
     result = quantize(MODELS / "zoo_mobilenetv2.onnx", tmp_path / "q.onnx", str(MODELS / "zoo_mobilenetv2_calib.npz"),
@@ -227,6 +230,7 @@ def test_bad_reconstruction_settings_are_refused(field, value, message):
         ReconConfig(**{field: value})
 
 
+@pytest.mark.slow
 def test_same_seed_same_rounding_even_after_other_runs():
     def run():
         model, mirror, state, feeds = _calibrated("zoo_resnet", 4, 4, samples=32)

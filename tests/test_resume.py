@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import MODELS, ROOT
 
 MODEL, CALIB = MODELS / "zoo_resnet.onnx", MODELS / "zoo_resnet_calib.npz"
@@ -23,6 +25,7 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_bytes(tmp_path):
     whole = tmp_path / "whole.onnx"
     done = subprocess.run(_command(whole, tmp_path / "w1"), env=_env(), capture_output=True, text=True, timeout=600)
@@ -46,6 +49,7 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path):
     assert out.read_bytes() == whole.read_bytes()
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_how_to_resume(tmp_path):
     work = tmp_path / "w"
     # A shell's background jobs start with SIGINT ignored, and Python then keeps ignoring it:
@@ -64,6 +68,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     assert not (tmp_path / "q.onnx").exists()
 
 
+@pytest.mark.slow
 def test_same_run_after_other_runs_in_one_process_gives_the_same_bytes(tmp_path):
     """Determinism does not depend on what ran before in the process (mask pools, seeds)."""
     import numpy as np
@@ -108,6 +113,7 @@ def _resumed_blocks(out) -> list[bool]:
     return [b["resumed"] for b in json.loads(out.with_suffix(".json").read_text())["reconstruction"]["blocks"]]
 
 
+@pytest.mark.slow
 def test_resume_with_changed_options_tunes_every_block_again(tmp_path, monkeypatch, capsys, caplog):
     """--resume restores only the blocks of a run with the same options: after a change of
     --seed or --iters the blocks are tuned again, and the file is the one a fresh run with
