@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import onnxruntime as ort
+import pytest
 
 from onnxqlimit.cli import main
 from tests.conftest import MODELS

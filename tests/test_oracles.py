@@ -23,7 +23,6 @@ from onnxqlimit.quant.fake_quant import QuantSpec
 from onnxqlimit.quant.observers import RangeObserver, weight_qparams
 from onnxqlimit.quant.policy import QuantConfig, place
 from onnxqlimit.quantize import RunOptions, quantize
-from onnxqlimit.state import QuantState
 from tests import cost_oracle
 from tests.onnx_builders import make, rand, tensor
 
