@@ -80,7 +80,6 @@ def test_tighter_budget_gives_a_smaller_plan_with_a_larger_predicted_loss(tmp_pa
     assert tight["mixed_precision"]["predicted_loss"] > loose["mixed_precision"]["predicted_loss"]
 
 
-@pytest.mark.slow
 def test_unreachable_budget_is_one_line_and_exit_2(tmp_path, capsys):
     code = main(["quantize", RESNET, "-o", str(tmp_path / "x.onnx"), "--calib", CALIB, "--method", "rtn",
                  "--calib-size", "32", "--quiet", "--target-size", "5KB", "--work-dir", str(tmp_path / "w")])

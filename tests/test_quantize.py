@@ -51,7 +51,6 @@ def test_zoo_parity_at_every_width(tmp_path, name, wbits, abits):
     assert result.report["costs"]["size_bytes"] < (0.26 if wbits == 8 else 0.2) * result.report["size_bytes"]["float"]
 
 
-@pytest.mark.slow
 def test_three_bit_weights_use_only_eight_levels(tmp_path):
     out = tmp_path / "q.onnx"
     quantize(MODELS / "zoo_resnet.onnx", out, zoo_calib("zoo_resnet"), QuantConfig(wbits=3, abits=3), FAST)

@@ -90,7 +90,6 @@ def test_early_stopping_shortens_blocks_and_is_never_worse_than_round_to_nearest
     assert all(b.loss_after <= b.loss_before for b in result.blocks)
 
 
-@pytest.mark.slow
 def test_a_block_that_tuning_makes_worse_keeps_round_to_nearest(monkeypatch):
     """Sabotaged tuning (rounding pushed the wrong way) must give the round-to-nearest block back."""
     original = AdaRoundQuantize.harden
@@ -115,7 +114,6 @@ def test_a_block_that_tuning_makes_worse_keeps_round_to_nearest(monkeypatch):
         assert torch.equal(state.quantizers[name].quantize(mirror.initializer(name)), ints), name
 
 
-@pytest.mark.slow
 def test_small_blocks_tune_on_one_thread_and_the_count_is_restored(monkeypatch):
     seen = []
     original = tune_module.BlockRunner.loss
@@ -213,7 +211,6 @@ def test_local_blocks_on_large_maps_tune_on_tiles_against_float_tiles():
     assert not any(b.tile for b in off.blocks)
 
 
-@pytest.mark.slow
 def test_a_whole_map_tile_gives_the_cached_float_outputs(monkeypatch):
     """The float target of a tile is the float block on that tile: over the whole map it is
     exactly what the float model computed there."""
