@@ -88,8 +88,26 @@ def test_bad_option_values_are_usage_errors(capsys, small_model):
         assert len(err) == 1 and err[0].startswith("onnxqlimit: error: argument"), err
 
 
+@pytest.mark.slow
 def test_module_entry_point(small_model):
     result = subprocess.run([sys.executable, "-m", "onnxqlimit", "inspect", str(small_model)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "Gemm" in result.stdout
+
+
+def test_default_work_dir_is_onnxqlimit_cache(capsys, tmp_path, private_cache):
+    """Without --work-dir, the search's tables go to $ONNXQLIMIT_CACHE (here the test's own
+    folder, set by conftest for every test), never to ~/.cache/onnxqlimit."""
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["a"], transB=1), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2"], ["b"], transB=1), helper.make_node("Relu", ["b"], ["s"]),
+             helper.make_node("Gemm", ["s", "w3"], ["y"], transB=1)]
+    model = make(nodes, [tensor("x", ["batch", 8])], [tensor("y", ["batch", 4])],
+                 [("w1", rand(8, 8)), ("w2", rand(8, 8)), ("w3", rand(4, 8))])
+    path, data = tmp_path / "chain.onnx", tmp_path / "calib.npz"
+    onnx.save(model, str(path))
+    np.savez(data, x=rand(32, 8))
+    code, out, err = run(capsys, "quantize", path, "-o", tmp_path / "q.onnx", "--calib", data, "--method", "rtn",
+                         "--target-avg-wbits", "6", "--quiet")
+    assert code == 0, err
+    assert len(list(private_cache.glob("sensitivity-*.json"))) == 1

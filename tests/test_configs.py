@@ -152,7 +152,7 @@ def test_a_recon_config_is_run_as_given(tmp_path):
     recon = ReconConfig(method="brecq", iters=7, batch_size=4, calib_size=24, lr_round=5e-3, early_stop=False)
     calib = {"input": np.load(MODELS / "zoo_resnet_calib.npz")["input"][:64]}
     report = quantize(MODELS / "zoo_resnet.onnx", tmp_path / "q.onnx", calib, QuantConfig.of(wbits=4, abits=4),
-                      RunOptions(recon=recon, seed=3, parity_samples=4, progress=False)).report
+                      RunOptions(recon=ReconConfig(**asdict(recon)), seed=3, parity_samples=4, progress=False)).report
     assert report.options["recon"] == asdict(recon) and report.options["seed"] == 3
     tuning = report.reconstruction
     assert (tuning["method"], tuning["batch_size"], tuning["samples"]) == ("brecq", 4, 24)

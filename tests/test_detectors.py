@@ -96,7 +96,7 @@ def test_blocks_cover_every_weight_layer_once(yolo):
     assert len(blocks) > 5  # the net is cut into several blocks, not reconstructed whole
 
 
-@pytest.mark.parametrize("bits", [(8, 8), (4, 4)])
+@pytest.mark.parametrize("bits", [(8, 8), pytest.param((4, 4), marks=pytest.mark.slow)])
 def test_qdrop_export_matches_and_runs_at_another_batch(yolo, tmp_path, bits):
     out = tmp_path / "q.onnx"
     options = RunOptions(recon=ReconConfig(method="qdrop", iters=4, calib_size=8, batch_size=4), parity_samples=4, progress=False, device="cpu")

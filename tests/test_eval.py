@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from onnxqlimit.cli import main
 from tests.conftest import MODELS
@@ -13,6 +14,7 @@ from tests.conftest import MODELS
 MODEL, CALIB, VAL = (MODELS / f"zoo_resnet{s}" for s in (".onnx", "_calib.npz", "_val.npz"))
 
 
+@pytest.mark.slow
 def test_run_ends_with_quality_on_held_back_samples_and_eval_agrees(tmp_path, capsys):
     out, report = tmp_path / "q.onnx", tmp_path / "r.json"
     assert main(["quantize", str(MODEL), "-o", str(out), "--calib", str(CALIB), "--method", "rtn", "--wbits", "4",
@@ -70,3 +72,42 @@ def test_a_quality_measurement_that_fails_costs_its_line_not_the_run(tmp_path, c
     assert main(["quantize", str(MODEL), "-o", str(out), "--calib", str(CALIB), "--method", "rtn", "--quiet"]) == 0
     assert out.exists() and "quality, float model" not in capsys.readouterr().out
     assert "quality not measured: onnxruntime cannot run the float model" in caplog.text
+
+
+def _top1(path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x})[0].argmax(1)
+
+
+def test_target_metric_with_eval_labels_is_accuracy_relative_to_float(tmp_path, capsys):
+    """--eval DATA.npz with 'labels': the metric is the file's top-1 accuracy as a fraction of
+    the float model's, on that data (not top-1 agreement with the float model). Both are
+    computed here with onnxruntime and the labels."""
+    val = np.load(VAL)
+    x, labels = val["input"][:300], val["label"][:300]
+    eval_file = tmp_path / "eval.npz"
+    np.savez(eval_file, input=x, labels=labels)
+    out, report_file = tmp_path / "q.onnx", tmp_path / "r.json"
+    assert main(["quantize", str(MODEL), "-o", str(out), "--calib", str(CALIB), "--method", "rtn", "--calib-size", "64",
+                 "--sens-samples", "16", "--target-avg-wbits", "4", "--target-metric", "0.9", "--eval", str(eval_file),
+                 "--report", str(report_file), "--quiet"]) == 0
+    report = json.loads(report_file.read_text())
+    float_top1, quant_top1 = _top1(MODEL, x), _top1(out, x)
+    accuracy_ratio = np.mean(quant_top1 == labels) / np.mean(float_top1 == labels)
+    agreement = np.mean(quant_top1 == float_top1)
+    assert abs(accuracy_ratio - agreement) > 2 / len(x)  # the data tells the two metrics apart
+    assert report["metric"] == pytest.approx(accuracy_ratio, abs=1 / len(x))  # the float mirror may flip a tie
+    assert report["metric"] >= 0.9
+    assert f"metric on the exported file: {report['metric']:.4f} of float (target 0.9)" in capsys.readouterr().out
+
+
+def test_eval_labels_of_the_wrong_length_are_one_line_and_exit_2(tmp_path, capsys):
+    x = np.load(VAL)["input"][:20]
+    eval_file = tmp_path / "eval.npz"
+    np.savez(eval_file, input=x, labels=np.zeros(19, np.int64))
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(MODEL), "-o", str(out), "--calib", str(CALIB), "--method", "rtn", "--quiet",
+                 "--target-metric", "0.9", "--eval", str(eval_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"onnxqlimit: error: {eval_file}: 'labels' must hold one label per sample"
+    assert not out.exists()

@@ -71,6 +71,7 @@ def reference_models(request, tmp_path_factory):
     return export_reference_models(tmp_path_factory.mktemp(f"opset{request.param}"), request.param)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_torch_cnn_parity(reference_models, name):
     mirror = assert_parity(reference_models[name], [{"input": image(1, 3, 224, 224)}, {"input": image(2, 3, 224, 224)}])
@@ -85,6 +86,7 @@ def bert_feeds(batch, seq):
     return {"input_ids": RNG.integers(0, 1000, (batch, seq)), "attention_mask": mask, "token_type_ids": types}
 
 
+@pytest.mark.slow
 def test_torch_bert_parity_dynamic_batch_and_sequence(reference_models):
     assert_parity(reference_models["bert"], [bert_feeds(1, 8), bert_feeds(3, 37), bert_feeds(2, 128)])
 

@@ -24,10 +24,10 @@ def zoo_calib(name: str) -> str:
 
 
 def assert_parity_report(report: dict) -> None:
-    # quantize() raises when parity is lost; check the numbers it reports too.
-    assert report.integer_parity["flipped"] <= 1e-4
-    for row in report.parity:
-        assert row["mean_diff_over_range"] <= 0.01, row
+    """quantize() refuses a file whose outputs or activation integers leave parity.py's
+    thresholds, so repeating those thresholds here could not fail. What can: a vacuous check,
+    with no output compared or fewer integers counted than there are activation quantizers."""
+    assert report.parity and report.integer_parity["elements"] >= report.quantizers["activations"] > 0
 
 
 def weight_types(path) -> dict[str, int]:
@@ -62,6 +62,7 @@ def test_three_bit_weights_use_only_eight_levels(tmp_path):
     assert any(n.op_type == "Min" and n.name.endswith("_Min") for n in model.graph.node)  # activation clamp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["zoo_resnet", "zoo_mobilenetv2"])
 def test_w8a8_within_one_point_of_float(tmp_path, name):
     import json
@@ -79,8 +80,9 @@ def test_w8a8_within_one_point_of_float(tmp_path, name):
 PPOCR_SHAPES = {"det": (2, 3, 320, 320), "rec": (4, 3, 48, 320), "cls": (4, 3, 48, 192)}
 
 
-@pytest.mark.parametrize("wbits,abits", BITS)
-@pytest.mark.parametrize("name", ["det", "rec", "cls"])
+@pytest.mark.parametrize("name,wbits,abits", [  # det and rec take 3-4 s each: cls keeps PP-OCR in the fast tier
+    pytest.param(name, w, a, marks=() if name == "cls" else pytest.mark.slow) for name in ("det", "rec", "cls")
+    for w, a in BITS])
 def test_ppocr_parity(tmp_path, ppocr, name, wbits, abits):
     shape = PPOCR_SHAPES[name]
     calib = {"x": paddle_text_image(shape[0], *shape[2:], seed=1)}
@@ -98,6 +100,7 @@ def torch_models(tmp_path_factory):
     return export_reference_models(tmp_path_factory.mktemp("ref"), 17)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wbits,abits", BITS)
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "bert"])
 def test_torch_model_parity(tmp_path, torch_models, name, wbits, abits):
@@ -130,6 +133,7 @@ def test_calibration_data_reader_is_accepted(tmp_path):
     assert_parity_report(result.report)
 
 
+@pytest.mark.slow
 def test_image_folder_calibration_via_cli(tmp_path, capsys):
     from PIL import Image
 

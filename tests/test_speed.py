@@ -82,6 +82,7 @@ def test_lsq_gradient_matches_torchs_learnable_fake_quant():
     assert torch.allclose(ours, scale.grad, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_early_stopping_shortens_blocks_and_is_never_worse_than_round_to_nearest():
     result, _ = tuned(ReconConfig(iters=300, batch_size=8, lr_round=1e-2))
     blocks = [b for b in result.blocks if b.iters]
@@ -138,6 +139,7 @@ def test_small_blocks_tune_on_one_thread_and_the_count_is_restored(monkeypatch):
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [{}, {"early_stop": False}, {"small_block_threads": False},
                                      {"channels_last": True}, {"channels_last": False}, {"tile": 8}],
                          ids=["default", "no-early-stop", "no-thread-policy", "channels-last", "nchw", "tiles"])
@@ -180,6 +182,7 @@ def test_convolutional_blocks_tune_channels_last_with_the_same_values(monkeypatc
         torch.testing.assert_close(last[name], plain[name], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_compiled_kernel_is_off_by_default_and_runs_where_available():
     """Compiled and eager tuning do not give the same integers (inductor's fused float
     arithmetic differs in the last bits, and Adam amplifies that), so compile is opt-in."""
@@ -193,6 +196,7 @@ def test_the_compiled_kernel_is_off_by_default_and_runs_where_available():
     assert ints and all(torch.equal(t, t.round()) and t.abs().max() <= 128 for t in ints)
 
 
+@pytest.mark.slow
 def test_local_blocks_on_large_maps_tune_on_tiles_against_float_tiles():
     model, mirror, state, feeds = _calibrated("zoo_resnet", 4, 4, samples=16)
     config = ReconConfig(iters=40, batch_size=8, tile=8)  # 32x32 inputs: 8x8 tiles

@@ -82,6 +82,7 @@ def _child(code: str, **env) -> subprocess.CompletedProcess:
                           timeout=300, check=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env,first,expected", [
     ({}, "", "1000"),  # short OpenMP spin: a busy neighbour cannot stall 2-thread blocks
     ({"GOMP_SPINCOUNT": "50"}, "", "50"),  # the user's own setting stands
@@ -93,6 +94,7 @@ def test_openmp_spin_is_shortened_only_before_torch_loads_and_never_over_the_use
     assert _child(code, **env).stdout.strip() == expected
 
 
+@pytest.mark.slow
 def test_two_processes_with_different_openmp_waits_write_identical_files(tmp_path):
     """The spin setting changes scheduling only: the same run in two processes gives the same bytes."""
     outputs = []

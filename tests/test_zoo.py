@@ -86,6 +86,7 @@ def reference(request, tmp_path_factory):
     return request.param, export_reference_models(tmp_path_factory.mktemp(f"ref{request.param}"), request.param)
 
 
+@pytest.mark.slow
 def test_reference_models_run_with_dynamic_shapes(reference):
     opset, paths = reference
     assert set(paths) == {"resnet18", "mobilenet_v2", "bert"}
