@@ -94,8 +94,10 @@ def _quantize(model, output_path: Path, calibration, config: QuantConfig, option
     ctx = prepare(model, calibration, config, options, device)
     state = place_and_calibrate(ctx)
     searched = choose_widths(ctx, state)
-    tuning = reconstruct_blocks(ctx, state)
+    tuning, checkpoints = reconstruct_blocks(ctx, state)
     exported = export_and_validate(ctx, state, output_path, searched)
+    if checkpoints is not None:  # kept until the file is written: a run stopped while exporting resumes
+        checkpoints.finish()
     if options.save_plan:
         state.plan.save(options.save_plan, state.points)
     report = build_report(ctx, state, exported, output_path, searched, tuning, time.perf_counter() - started)
@@ -190,22 +192,20 @@ def choose_widths(ctx: Context, state: QuantState) -> SearchResult | None:
     return searched
 
 
-def reconstruct_blocks(ctx: Context, state: QuantState) -> ReconResult | None:
+def reconstruct_blocks(ctx: Context, state: QuantState) -> tuple[ReconResult | None, Checkpoints | None]:
     """Stage 4: BRECQ / QDrop block by block (none for rtn); with a work dir, each finished
     block is checkpointed so that --resume picks up an interrupted run."""
     recon, options = ctx.recon, ctx.options
     if recon.method == "rtn":
-        return None
+        return None, None
     checkpoints = None
     if options.work_dir is not None:
         settings = {"config": asdict(ctx.config), "plan": state.plan.to_nodes(state.points), "device": ctx.device.type,
                     "threads": torch.get_num_threads(), "recon": asdict(recon), "seed": options.seed}
         checkpoints = Checkpoints(Path(options.work_dir), run_key(weights.identity(ctx.original), ctx.feeds, settings),
                                   options.resume)
-    result = reconstruct(ctx.mirror, ctx.model, state, ctx.feeds, recon, options.seed, options.progress, checkpoints)
-    if checkpoints is not None:
-        checkpoints.finish()
-    return result
+    return reconstruct(ctx.mirror, ctx.model, state, ctx.feeds, recon, options.seed, options.progress,
+                       checkpoints), checkpoints
 
 
 def export_and_validate(ctx: Context, state: QuantState, output_path: Path, searched: SearchResult | None) -> Exported:
