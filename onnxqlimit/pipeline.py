@@ -35,7 +35,7 @@ from .mixed.costs import CostModel, file_costs
 from .mixed.latency import model_latency_ms
 from .mixed.search import SearchResult, search
 from .output import StagedOutput, check_output
-from .parity import check_file
+from .parity import IntegerParity, OutputParity, check_file
 from .quant.bits import BitPlan, plan_widths, read_plan_file
 from .quant.config import QuantConfig
 from .quant.policy import place
@@ -63,8 +63,8 @@ class Exported:
     """What export_and_validate leaves: the file's proto (weights may be references), its checks and costs."""
 
     model: onnx.ModelProto
-    parity: list
-    integer_parity: object
+    parity: list[OutputParity]
+    integer_parity: IntegerParity
     costs: dict[str, float]
     quality: dict | None
     metric: float | None

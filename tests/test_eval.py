@@ -111,3 +111,24 @@ def test_eval_labels_of_the_wrong_length_are_one_line_and_exit_2(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert err == f"onnxqlimit: error: {eval_file}: 'labels' must hold one label per sample"
     assert not out.exists()
+
+
+def test_top1_agreement_only_for_class_outputs():
+    """Probabilities and logits are class scores; non-negative coordinates (a face-landmark
+    head, [N, 2K]) and unit-length embeddings are not, so they get SQNR alone."""
+    from onnxqlimit.evaluate import compare, is_class_output
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(16, 10)).astype(np.float32)
+    probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    landmarks = rng.uniform(0, 48, size=(16, 136)).astype(np.float32)
+    embeddings = logits / np.linalg.norm(logits, axis=1, keepdims=True)
+    assert is_class_output(logits) and is_class_output(probabilities)
+    assert not is_class_output(landmarks) and not is_class_output(embeddings)
+    assert not is_class_output(logits[:, :1]) and not is_class_output(logits[0])
+    outputs = {"logits": logits, "landmarks": landmarks, "embeddings": embeddings}
+    rows = {r.name: r for r in compare({k: v + 0.01 for k, v in outputs.items()}, outputs)}
+    assert rows["logits"].top1_agreement == 1.0
+    assert rows["landmarks"].top1_agreement is None and rows["landmarks"].sqnr_db > 30
+    assert rows["embeddings"].top1_agreement is None
+
