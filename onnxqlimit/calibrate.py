@@ -1,4 +1,4 @@
-"""Stage 3: attach quantizers to the mirror where the policy says, and calibrate them.
+"""Stage 2: attach quantizers to the mirror where the policy says, and calibrate them.
 
 Weights get their scales from their own values; activations from the model run on the
 calibration batches with its weights quantized (observers hooked where the activation

@@ -1,11 +1,11 @@
-"""Stage 6: write the quantized mirror back as a standard QDQ ONNX model.
+"""Stage 5: write the quantized mirror back as a standard QDQ ONNX model.
 
 Weights become integer initializers in their narrowest ONNX type (int8; int4/uint4 from
 opset 21; int2/uint2 from opset 25; 3 bits in an int4 container, 5-7 in int8, values
 restricted to the true range) followed by DequantizeLinear. Activations get a
-QuantizeLinear -> DequantizeLinear pair, with a Clip to the representable range first
-where the container is wider than the bit width, so the file computes exactly what the
-mirror's FakeQuantize computes.
+QuantizeLinear -> DequantizeLinear pair, with a Max/Min clamp to the representable range
+first where the container is wider than the bit width (or narrower than 8 bits), so the
+file computes exactly what the mirror's FakeQuantize computes. The patterns are qdq.py's.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The quantization report: per quantized node its bits, scales and output SQNR vs float,
+"""Stage 6, the quantization report: per quantized node its bits, scales and output SQNR vs float,
 plus model sizes and parity. Written as JSON by `--report`."""
 from __future__ import annotations
 

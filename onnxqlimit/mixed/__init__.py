@@ -1,1 +1,1 @@
-"""Stage 4: mixed precision - per-quantizer bit widths chosen under a budget (docs/mixed_precision.md)."""
+"""Stage 3: mixed precision - per-quantizer bit widths chosen under a budget (docs/mixed_precision.md)."""

@@ -1,4 +1,4 @@
-"""Stage 5: BRECQ / QDrop reconstruction, one block at a time (docs/reconstruction.md).
+"""Stage 4: BRECQ / QDrop reconstruction, one block at a time (docs/reconstruction.md).
 
 For each block, in graph order: the float block output is the target; the block input
 comes from the already-quantized preceding blocks. AdaRound learns the rounding of the
