@@ -48,6 +48,7 @@ class Context:
     held_back: dict[str, np.ndarray]  # source samples past calib_size, for the end-of-run quality (may be empty)
     eval_data: EvalData | None = None  # --eval data for --target-metric
     external_data: bool = False  # the model file keeps its weights in a data file: the output will too
+    plan_entries: dict | None = None  # the --bits-plan file's node -> widths, read once
 
     @property
     def recon(self) -> ReconConfig:

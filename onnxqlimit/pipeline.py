@@ -154,7 +154,7 @@ def prepare(model, calibration, config: QuantConfig | None = None, options: RunO
                     loaded)
     eval_data = load_eval_data(options.eval_data, loaded) if options.eval_data else None
     ctx = Context(config, options, device, original, loaded, mirror, {k: v[:calib_size] for k, v in feeds.items()},
-                  {k: v[calib_size:] for k, v in feeds.items()}, eval_data, uses_external_data(model))
+                  {k: v[calib_size:] for k, v in feeds.items()}, eval_data, uses_external_data(model), plan_entries)
     if config.smooth is not None:  # outlier channels migrated into the float weights (smooth.py)
         act_max = channel_max(mirror, iter(ctx.batches()), list(candidates(loaded)))
         ctx.model = smooth(loaded, act_max, config.smooth)
@@ -181,8 +181,8 @@ def choose_widths(ctx: Context, state: QuantState) -> SearchResult | None:
     set; activation ranges are observed again when weight widths changed."""
     options, default = ctx.options, state.plan
     searched = None
-    if options.bits_plan:
-        state.apply(BitPlan.from_nodes(read_plan_file(options.bits_plan), state.points))
+    if ctx.plan_entries is not None:
+        state.apply(BitPlan.from_nodes(ctx.plan_entries, state.points))
     elif options.mixed.targets.any():
         searched = search(ctx, state)
         state.apply(searched.plan)
