@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=D0,D1,...",
                      help="shape of random inputs for dynamic models (repeatable)")
     ins.add_argument("--blocks", action="store_true", help="list the reconstruction blocks found in the graph")
+    ins.add_argument("--runtime-check", action="store_true",
+                     help="how onnxruntime's CPU provider runs the file as it is: compute nodes in integer kernels "
+                     "vs float, and its latency (against --reference when given); nothing else is printed")
+    ins.add_argument("--reference", metavar="FP.onnx", help="with --runtime-check: the float model to time against")
+    ins.add_argument("--threads", type=_positive, help="with --runtime-check: onnxruntime threads (default: its own)")
     ins.add_argument("--granularity", choices=GRANULARITIES, default="block", help="block size for --blocks (default block)")
     ins.add_argument("--block-layers", type=_positive, default=6, metavar="N",
                      help="most weight layers per block at granularity block (default 6)")
@@ -305,13 +310,21 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .data import load_npz, random_feeds
+    from .data import graph_inputs, load_npz, random_feeds
     from .inspect import format_summary, summarize
     from .load import LoadConfig, default_opset, load_model, read_model
     from .mirror import Mirror
     from .parity import check_mirror, format_parity
 
     original = read_model(args.model)
+    if args.runtime_check:
+        from .runtime import check_runtime, format_runtime
+
+        feeds = load_npz(args.data, [v.name for v in graph_inputs(original)]) if args.data else \
+            random_feeds(original, dict(args.input_shape))
+        feeds = {k: v[:1] for k, v in feeds.items()} if args.data else feeds
+        print(format_runtime(check_runtime(args.model, feeds, args.reference, args.threads or 0)))
+        return 0
     model = load_model(original, LoadConfig(simplify=not args.no_simplify))
     print(f"{args.model}: {len(original.graph.node)} nodes at opset {default_opset(original)}, "
           f"{len(model.graph.node)} after loading (simplified, constants lifted, BatchNorm folded)")

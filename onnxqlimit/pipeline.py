@@ -6,6 +6,7 @@ The bit plan is chosen before reconstruction: learned rounding is tied to a widt
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -44,9 +45,11 @@ from .quant.widths import required_opset
 from .recon import ReconResult, reconstruct
 from .recon.checkpoint import Checkpoints, run_key
 from .report import Report, build_report
+from .runtime import RuntimeCheck, check_runtime
 from .smooth import candidates, channel_max, smooth
 from .state import QuantState
 
+log = logging.getLogger("onnxqlimit")
 HOLD_BACK = 32  # calibration-source samples past calib_size kept for the end-of-run quality
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 _THREADS_AT_IMPORT = torch.get_num_threads()
@@ -68,6 +71,7 @@ class Exported:
     costs: dict[str, float]
     quality: dict | None
     metric: float | None
+    runtime: RuntimeCheck | None
 
 
 def quantize(model, output_path, calibration, config: QuantConfig | None = None,
@@ -231,8 +235,23 @@ def export_and_validate(ctx: Context, state: QuantState, output_path: Path, sear
         held = len(next(iter(ctx.held_back.values()))) > 0
         measured = quality(ctx.original, str(staged.path), ctx.mirror, state.quantizers,
                            ctx.held_back if held else parity_feeds, batch_size, held)
+        runtime = runtime_check(ctx, staged.path)
         staged.commit()
     metric = None
     if options.mixed.targets.metric is not None:
         metric = file_metric(output_path, ctx.mirror, state.quantizers, ctx.eval_data or EvalData(ctx.feeds), batch_size)
-    return Exported(qmodel, parity, flips, costs, measured, metric)
+    return Exported(qmodel, parity, flips, costs, measured, metric, runtime)
+
+
+def runtime_check(ctx: Context, path: Path) -> RuntimeCheck | None:
+    """How onnxruntime's CPU provider runs the file (runtime.py), timed against the float model
+    on one batch (one sample, or the model's fixed batch) with the run's threads. The float
+    model is not timed when its weights stay on disk (onnxruntime would copy them all into
+    memory). None, with a warning, where it cannot be checked: that costs this line, not the run."""
+    feeds = next(batches(ctx.feeds, fixed_batch_size(ctx.model) or 1))
+    reference = None if weights.on_disk(ctx.original) else ctx.original.SerializeToString()
+    try:
+        return check_runtime(path, feeds, reference, torch.get_num_threads() if ctx.device.type == "cpu" else 0)
+    except Exception as err:  # noqa: BLE001 - e.g. an optimized graph onnxruntime cannot save
+        log.warning("runtime not checked: %s", str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+        return None

@@ -16,6 +16,7 @@ from .mirror import Mirror
 from .mixed.search import SearchResult, format_plan_rows, result_json
 from .quant.fake_quant import FakeQuantize, quantizers_disabled
 from .recon import ReconResult
+from .runtime import RuntimeCheck, format_runtime
 from .state import QuantState
 from .weights import model_bytes
 
@@ -64,6 +65,7 @@ class Report:
     reconstruction: dict | None  # ReconResult; None for rtn
     mixed_precision: dict | None  # SearchResult; None without a search
     metric: float | None = None  # --target-metric: the file's score
+    runtime: dict | None = None  # RuntimeCheck: integer kernels and latency in onnxruntime CPU
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=_jsonable)
@@ -118,6 +120,7 @@ def build_report(ctx: Context, state: QuantState, exported, output_path: Path, s
         reconstruction=asdict(tuning) if tuning is not None else None,
         mixed_precision=result_json(searched, points) if searched is not None else None,
         metric=exported.metric,
+        runtime=asdict(exported.runtime) if exported.runtime is not None else None,
     )
 
 
@@ -172,6 +175,8 @@ def format_report(r: Report) -> str:
         lines.append(f"quality, {q['reference']} vs this file in onnxruntime on {q['samples']} "
                      f"{'held-back samples' if q['held_back'] else 'calibration samples (none held back)'}: "
                      + format_quality([OutputQuality(**o) for o in q["outputs"]]))
+    if r.runtime is not None:
+        lines.append(format_runtime(RuntimeCheck(**r.runtime)))
     lines.append("parity, this file vs the tuned mirror (what was optimised is what ships; not a quality measure): "
                  + "; ".join(f"{p['output']} {p['within_one_step']:.2%} of values within one quantization step"
                              for p in r.parity))
