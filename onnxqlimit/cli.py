@@ -310,7 +310,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .data import graph_inputs, load_npz, random_feeds
+    from .data import conform, graph_inputs, load_npz, random_feeds
     from .inspect import format_summary, summarize
     from .load import LoadConfig, default_opset, load_model, read_model
     from .mirror import Mirror
@@ -322,7 +322,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
         feeds = load_npz(args.data, [v.name for v in graph_inputs(original)]) if args.data else \
             random_feeds(original, dict(args.input_shape))
-        feeds = {k: v[:1] for k, v in feeds.items()} if args.data else feeds
+        feeds = conform({k: v[:1] for k, v in feeds.items()} if args.data else feeds, original, f"{args.data}:" if args.data else "--input-shape")
+        if args.reference:  # refused in one line before onnxruntime runs anything
+            conform(feeds, read_model(args.reference), f"--reference {args.reference}:")
         print(format_runtime(check_runtime(args.model, feeds, args.reference, args.threads or 0)))
         return 0
     model = load_model(original, LoadConfig(simplify=not args.no_simplify))

@@ -214,7 +214,7 @@ def conform(feeds: dict[str, np.ndarray], model: onnx.ModelProto, what: str = "c
             hint = ""
             if array.ndim == 4 and sorted(array.shape[1:]) == sorted(x for x in shape[1:] if isinstance(x, int)):
                 hint = " (the data looks channels-last; the model takes NCHW)"
-            elif array.ndim == 4:
+            elif array.ndim == 4 and what == "calibration":  # only calibration takes image folders
                 hint = " (for an image folder, set --preprocess size=H,W to the model's)"
             raise QLimitError(f"{where}: shape {tuple(array.shape)} contradicts the model's {_dims(shape)} "
                               f"at axis {i} ({array.shape[i]} where the model fixes {d}){hint}")

@@ -77,3 +77,12 @@ def test_every_run_reports_how_onnxruntime_runs_its_file(tmp_path, capsys):
     assert f"onnxruntime CPU: 0/{convs} compute nodes in integer kernels" in printed
     assert main(["inspect", str(out), "--runtime-check"]) == 0
     assert capsys.readouterr().out.startswith(f"onnxruntime CPU: 0/{convs} compute nodes")
+
+
+def test_runtime_check_refuses_bad_input_in_one_line(tmp_path, capsys):
+    _qdq_conv(tmp_path / "q.onnx", output_qdq=True)
+    for extra, message in ((["--reference", str(tmp_path / "missing.onnx")], "no such model file"),
+                           (["--input-shape", "x=1,3,4,4"], "--input-shape input 'x': shape (1, 3, 4, 4) contradicts")):
+        assert main(["inspect", str(tmp_path / "q.onnx"), "--runtime-check", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("onnxqlimit: error: ") and message in err[0], err
