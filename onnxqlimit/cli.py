@@ -236,14 +236,11 @@ def build_configs(args: argparse.Namespace) -> tuple[QuantConfig, RunOptions]:
         Placement(quantize_add=args.quantize_add, quantize_concat=args.quantize_concat,
                   quantize_act_matmul=args.quantize_attention, exclude=tuple(args.exclude)),
         smooth=args.smooth)
-    schedule = {name: value for name, value in (("iters", args.iters), ("calib_size", args.calib_size),
-                                                 ("batch_size", args.batch_size)) if value is not None}
-    if args.no_early_stop:
-        schedule["early_stop"] = False
-    recon = ReconConfig.preset(args.preset, method=args.method, granularity=args.granularity,
-                               max_layers=args.block_layers, loss=args.loss, quant_prob=args.quant_prob,
-                               round_lambda=args.round_lambda, cache_gb=args.cache_gb, compile=args.compile,
-                               channels_last=not args.no_channels_last, tile=args.tile, **schedule)
+    recon = ReconConfig.preset(args.preset, method=args.method, iters=args.iters, calib_size=args.calib_size,
+                               batch_size=args.batch_size, early_stop=False if args.no_early_stop else None,
+                               granularity=args.granularity, max_layers=args.block_layers, loss=args.loss,
+                               quant_prob=args.quant_prob, round_lambda=args.round_lambda, cache_gb=args.cache_gb,
+                               compile=args.compile, channels_last=not args.no_channels_last, tile=args.tile)
     targets = Targets(size_bytes=args.target_size, avg_wbits=args.target_avg_wbits,
                       bitops=args.target_bitops * 1e9 if args.target_bitops is not None else None,
                       latency_ms=args.target_latency, metric=args.target_metric)

@@ -31,9 +31,9 @@ from typing import Callable
 
 import numpy as np
 
-from onnxqlimit import MixedConfig, QuantConfig, RunOptions, SensitivityConfig, Targets, quantize
+from onnxqlimit import MixedConfig, QuantConfig, ReconConfig, RunOptions, SensitivityConfig, Targets, quantize
 from onnxqlimit.quant.widths import required_opset
-from tools.common import TASK_MODELS, Table, at_opset, bits_option, load, recon_config, widths
+from tools.common import TASK_MODELS, Table, at_opset, bits_option, load, widths
 
 NAMES = ("zoo_resnet", "zoo_mobilenetv2", "rec", "cls", "bert")
 WIDTHS = [f"W{w}A{a}" for a in (8, 4) for w in (2, 3, 4, 8)]  # the default grid
@@ -62,7 +62,8 @@ def prepare(name: str, work: Path, calib_size: int | None) -> tuple[Path, dict, 
 def run_cell(src: Path, out: Path, calib: dict, score: Scorer, args, wbits: int = 8, abits: int = 8,
              targets: Targets | None = None, work_dir: Path | None = None) -> dict:
     mixed = MixedConfig(targets, CHOICES, solver=args.solver) if targets else MixedConfig()
-    options = RunOptions(recon=recon_config(args.method, iters=args.iters, calib_size=len(next(iter(calib.values())))),
+    recon = ReconConfig.preset("fast", method=args.method, iters=args.iters, calib_size=len(next(iter(calib.values()))))
+    options = RunOptions(recon=recon,
                          mixed=mixed, work_dir=str(work_dir) if targets and work_dir else None, progress=False)
     start = time.perf_counter()
     report = quantize(src, out, calib, QuantConfig() if targets else QuantConfig.of(wbits=wbits, abits=abits),

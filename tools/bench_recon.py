@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from onnxqlimit import QuantConfig, RunOptions, quantize
-from tools.common import TASK_MODELS, Table, bits_option, load, matmul_peak, recon_config, widths
+from onnxqlimit import QuantConfig, ReconConfig, RunOptions, quantize
+from tools.common import TASK_MODELS, Table, bits_option, load, matmul_peak, widths
 from tools.ort_baseline import quantize_with_ort
 
 DEFAULT_WIDTHS = ["W8A8", "W4A4", "W3A3", "W2A4"]
@@ -35,8 +35,8 @@ EXTRA_METRIC = {"rec": "line_acc"}  # shown beside the headline metric
 
 
 def run_ours(name, src, calib, out, wbits, abits, method, args) -> dict:
-    recon = recon_config(method, args.preset, iters=args.iters, batch_size=args.batch_size,
-                         calib_size=len(next(iter(calib.values()))), round_lambda=args.round_lambda, loss=args.loss)
+    recon = ReconConfig.preset(args.preset, method=method, iters=args.iters, batch_size=args.batch_size,
+                               calib_size=len(next(iter(calib.values()))), round_lambda=args.round_lambda, loss=args.loss)
     result = quantize(src, out, calib, QuantConfig.of(wbits=wbits, abits=abits), RunOptions(recon=recon, progress=False))
     tuning = result.report.reconstruction or {}
     return {"gflops": tuning.get("gflops"), "blocks": len(tuning.get("blocks", [])),

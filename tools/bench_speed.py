@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from onnxqlimit import QuantConfig, RunOptions, quantize
-from tools.common import Table, bits_option, load, matmul_peak, recon_config, widths
+from onnxqlimit import QuantConfig, ReconConfig, RunOptions, quantize
+from tools.common import Table, bits_option, load, matmul_peak, widths
 
 MODELS = ("face", "cls", "rec", "yolo320", "det", "minilm", "zoo_resnet", "zoo_mobilenetv2")
 SWITCHES = ("early_stop", "compile", "channels_last", "small_block_threads")
@@ -40,8 +40,8 @@ def _burn(stop) -> None:
 
 
 def run(name: str, model, calib: dict, work: Path, args, busy: bool = False) -> dict:
-    recon = recon_config(args.method, args.preset, iters=args.iters, calib_size=len(next(iter(calib.values()))),
-                         **{k: getattr(args, k) for k in SWITCHES + ("tile",)})
+    recon = ReconConfig.preset(args.preset, method=args.method, iters=args.iters,
+                               calib_size=len(next(iter(calib.values()))), **{k: getattr(args, k) for k in SWITCHES + ("tile",)})
     stop = multiprocessing.Event()
     neighbour = multiprocessing.Process(target=_burn, args=(stop,), daemon=True) if busy else None
     if neighbour is not None:

@@ -40,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxqlimit import ReconConfig
 from onnxqlimit.evaluate import run as run_outputs
 from onnxqlimit.evaluate import sqnr_db
 from onnxqlimit.quant.widths import ACT_BITS, WEIGHT_BITS
@@ -62,12 +61,6 @@ def bits_option(text: str) -> str:
     """An argparse type for a WxAy option: checked by `widths`, kept as written (it labels rows)."""
     widths(text)
     return text
-
-
-def recon_config(method: str = "qdrop", preset: str = "fast", **changes) -> ReconConfig:
-    """The preset's schedule with `method` and every change that is not None: a tool's option
-    left unset keeps the preset's value."""
-    return ReconConfig.preset(preset, method=method, **{k: v for k, v in changes.items() if v is not None})
 
 
 # ------------------------------------------------------------------------------ models

@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from onnxqlimit import QuantConfig, RunOptions, quantize
+from onnxqlimit import QuantConfig, ReconConfig, RunOptions, quantize
 from onnxqlimit.cli import parse_bit_overrides
 from tools import archs
-from tools.common import Table, bits_option, recon_config, widths
+from tools.common import Table, bits_option, widths
 from tools.tasks import run_model
 
 SIZE, CLASSES = 160, ("disc", "box", "triangle", "cross")
@@ -350,7 +350,8 @@ def main(argv=None) -> int:
                         quantize(src, path, calib,
                                  QuantConfig.of(wbits=wbits, abits=abits, first_last_bits=flb,
                                                 overrides=parse_bit_overrides(args.bits_override)),
-                                 RunOptions(recon=recon_config(method, iters=args.iters, calib_size=args.calib),
+                                 RunOptions(recon=ReconConfig.preset("fast", method=method, iters=args.iters,
+                                                                     calib_size=args.calib),
                                             progress=False, threads=args.threads))
                     secs = time.perf_counter() - start
                     row = {"bits": bits, "method": method, "f1": f1(detections(path, images), ref),

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxqlimit import QuantConfig, RunOptions, quantize
-from tools.common import Table, bits_option, first_output, mean_cosine, recon_config, widths
+from onnxqlimit import QuantConfig, ReconConfig, RunOptions, quantize
+from tools.common import Table, bits_option, first_output, mean_cosine, widths
 
 NAMES = ("input_ids", "attention_mask", "token_type_ids")
 SEQ = 64  # calibration / evaluation length; the exported graph takes any length
@@ -235,8 +235,8 @@ def main(argv=None) -> int:
                                         quantize_act_matmul=args.quantize_attention, quantize_add=args.quantize_add,
                                         smooth=args.smooth)
                 started = time.perf_counter()
-                recon = recon_config(args.method, iters=args.iters, calib_size=args.calib_size,
-                                     granularity=args.granularity, max_layers=args.block_layers)
+                recon = ReconConfig.preset("fast", method=args.method, iters=args.iters, calib_size=args.calib_size,
+                                           granularity=args.granularity, max_layers=args.block_layers)
                 quantize(src, out, calib, config, RunOptions(recon=recon, progress=False))
                 rows.append((args.method, emb_bits or "float", out, time.perf_counter() - started))
             if args.ort and wbits in (4, 8) and abits in (4, 8):

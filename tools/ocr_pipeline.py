@@ -42,9 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxqlimit import MixedConfig, QuantConfig, RunOptions, Targets, quantize
+from onnxqlimit import MixedConfig, QuantConfig, ReconConfig, RunOptions, Targets, quantize
 from tools import tasks
-from tools.common import Table, at_opset, recon_config
+from tools.common import Table, at_opset
 
 MODELS = ("det", "cls", "rec")
 CONFIG = re.compile(r"W(\d)A(\d+)(mp)?")
@@ -154,12 +154,12 @@ def quantize_models(sources: dict[str, Path], calib: dict, config: str, out: Pat
             info[name] = {"seconds": float("nan"), "size_bytes": target.stat().st_size, "reused": True}
             print(f"  {config} {name}: reused {target.name}", flush=True)
             continue
-        options = RunOptions(recon=recon_config(iters=args.iters, calib_size=len(calib[name]["x"])), progress=False,
-                             threads=args.threads)
+        recon = ReconConfig.preset("fast", iters=args.iters, calib_size=len(calib[name]["x"]))
+        options = RunOptions(recon=recon, progress=False, threads=args.threads)
         qconfig = QuantConfig.of(wbits=wbits, abits=abits)
         if mixed:  # the budget: this model's uniform WxAy BitOps, measured on an RTN file
             rtn = quantize(sources[name], out / f"{name}_{config}_rtn.onnx", calib[name], qconfig,
-                           RunOptions(recon=recon_config("rtn"), progress=False, threads=args.threads)).report
+                           RunOptions(recon=ReconConfig(method="rtn"), progress=False, threads=args.threads)).report
             options.mixed = MixedConfig(Targets(bitops=rtn.costs["bitops"]))
             options.work_dir = str(out / "mixed" / name)
             qconfig = QuantConfig()

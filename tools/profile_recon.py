@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from torch.autograd.profiler import record_function
 
-from onnxqlimit import QuantConfig, RunOptions, quantize
+from onnxqlimit import QuantConfig, ReconConfig, RunOptions, quantize
 from onnxqlimit.mirror import Mirror
 from onnxqlimit.quant import adaround, fake_quant
 from onnxqlimit.recon import runner, tune
 from tools.bench_speed import MODELS
-from tools.common import bits_option, load, recon_config, widths
+from tools.common import bits_option, load, widths
 
 PHASES = ("batch", "forward", "loss", "regularizer", "backward", "optimizer")
 MATMUL = ("conv", "mm", "bmm", "addmm", "matmul", "linear", "mkldnn")
@@ -137,7 +137,8 @@ def main(argv=None) -> int:
         for name in args.models:
             model = load(name, Path(tmp))
             calib = model.calibration(args.calib_size or (256 if name.startswith("zoo") else None))
-            recon = recon_config(iters=args.iters, calib_size=len(next(iter(calib.values()))), early_stop=False)
+            recon = ReconConfig.preset("fast", iters=args.iters, calib_size=len(next(iter(calib.values()))),
+                                       early_stop=False)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 result = quantize(model.path, Path(tmp) / f"{name}_q.onnx", calib, QuantConfig.of(wbits=wbits, abits=abits),
                                   RunOptions(recon=recon, progress=False))

@@ -67,10 +67,11 @@ class ReconConfig:
 
     @classmethod
     def preset(cls, name: str, **changes) -> ReconConfig:
-        """The preset's schedule, with `changes` (any field) on top."""
+        """The preset's schedule, with `changes` (any field) on top; a change that is None (an
+        option left unset) keeps the preset's value - no field takes None."""
         if name not in PRESETS:
             raise QLimitError(f"--preset must be one of {', '.join(PRESETS)} (got {name!r})")
-        return cls(**{**asdict(PRESETS[name]), **changes})
+        return cls(**{**asdict(PRESETS[name]), **{k: v for k, v in changes.items() if v is not None}})
 
     def __post_init__(self):
         if self.method not in METHODS:
