@@ -45,14 +45,21 @@ class RuntimeCheck:
         return self.ms / self.float_ms if self.ms and self.float_ms else None
 
 
-def _options(threads: int, optimized_path: str | None = None) -> ort.SessionOptions:
+def cpu_session(model: onnx.ModelProto | str | Path | bytes, threads: int = 0,
+                optimized_path: str | None = None) -> ort.InferenceSession:
+    """`model` as a user's onnxruntime CPU session runs it: default (all) graph optimizations,
+    `threads` intra-op threads (0: onnxruntime's default); the optimized graph saved to
+    `optimized_path` when given."""
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # what a user gets by default
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
     options.log_severity_level = 3
     if optimized_path is not None:
         options.optimized_model_filepath = optimized_path
-    return options
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else \
+        model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def compute_kernels(path: str | Path | bytes, threads: int = 0) -> tuple[Counter, list[str]]:
@@ -60,21 +67,17 @@ def compute_kernels(path: str | Path | bytes, threads: int = 0) -> tuple[Counter
     ones that stay float."""
     with tempfile.TemporaryDirectory() as folder:
         optimized = str(Path(folder) / "optimized.onnx")
-        ort.InferenceSession(_source(path), _options(threads, optimized), providers=["CPUExecutionProvider"])
+        cpu_session(path, threads, optimized)
         graph = onnx.load(optimized, load_external_data=False).graph
     kinds = Counter(n.op_type for n in graph.node if n.op_type in INTEGER_KERNELS + FLOAT_KERNELS)
     floats = [n.name or n.output[0] for n in graph.node if n.op_type in FLOAT_KERNELS]
     return kinds, floats
 
 
-def _source(model: str | Path | bytes) -> str | bytes:
-    return model if isinstance(model, bytes) else str(model)
-
-
 def interleaved_ms(models: list[str | Path | bytes], feeds: Mapping[str, np.ndarray], threads: int = 0) -> list[float]:
     """Median ms per run of each model (a path or serialized bytes), run in turns so that a
     busy moment slows them alike."""
-    sessions = [ort.InferenceSession(_source(m), _options(threads), providers=["CPUExecutionProvider"]) for m in models]
+    sessions = [cpu_session(m, threads) for m in models]
     inputs = [{i.name: feeds[i.name] for i in s.get_inputs()} for s in sessions]
     for session, given in zip(sessions, inputs):  # warm-up: first runs allocate and pick kernels
         for _ in range(3):

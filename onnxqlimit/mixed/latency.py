@@ -42,6 +42,7 @@ from ..quant.policy import (
     weight_input,
 )
 from ..quant.widths import check_bits, required_opset
+from ..runtime import cpu_session
 from ..weights import array as tensor_array
 
 FLOAT = "float"
@@ -76,18 +77,6 @@ def _find_node(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
     if node.op_type not in COMPUTE_OPS:
         raise QLimitError(f"node {name!r} is a {node.op_type}; latency is measured for {', '.join(COMPUTE_OPS)} only")
     return node
-
-
-def _session(model: onnx.ModelProto | bytes | str, threads: int, optimized_path: str | None = None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    if optimized_path:
-        options.optimized_model_filepath = optimized_path
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def _median_ms(session: ort.InferenceSession, feeds: dict[str, np.ndarray], repeats: int) -> float:
@@ -151,7 +140,7 @@ def single_node_model(model: onnx.ModelProto, node_name: str, inputs: dict[str, 
     if pair is None:
         return result
     if out not in inputs:
-        inputs = {**inputs, out: _session(result, 1).run([out], {t: inputs[t] for t in acts})[0]}
+        inputs = {**inputs, out: cpu_session(result, 1).run([out], {t: inputs[t] for t in acts})[0]}
     graph = result.graph
     renamed: dict[str, str] = {}
     windex = weight_input(node, float_initializers(model.graph))
@@ -194,7 +183,7 @@ def node_latency_table(model: onnx.ModelProto, feeds: dict[str, np.ndarray], nod
             key = FLOAT if pair is None else pair_key(*pair)
             one = single_node_model(model, node.name, inputs, pair)
             try:
-                session = _session(one, threads)
+                session = cpu_session(one, threads)
             except Exception as err:  # onnxruntime raises its own error types
                 raise QLimitError(f"onnxruntime cannot run node {node.name!r} at {key}: {str(err).splitlines()[0]}") from None
             row[key] = _median_ms(session, run_feeds, repeats)
@@ -205,7 +194,7 @@ def node_latency_table(model: onnx.ModelProto, feeds: dict[str, np.ndarray], nod
 def model_latency_ms(model: onnx.ModelProto | bytes | str, feeds: dict[str, np.ndarray], repeats: int = 30,
                      threads: int = 1) -> float:
     """median ms of one whole-model run in onnxruntime (ORT_ENABLE_ALL optimizations, given intra-op threads)."""
-    session = _session(model, threads)
+    session = cpu_session(model, threads)
     names = [i.name for i in session.get_inputs()]
     missing = [n for n in names if n not in feeds]
     if missing:
