@@ -17,7 +17,7 @@ from torch import nn
 from .mirror import Mirror
 from .progress import progress_bar
 from .quant.config import Scheme
-from .quant.fake_quant import FakeQuantize
+from .quant.fake_quant import BiasQuantize, FakeQuantize
 from .quant.observers import RangeObserver, weight_qparams
 from .quant.policy import QuantPoint
 
@@ -40,6 +40,10 @@ def attach_quantizers(mirror: Mirror, points: list[QuantPoint]) -> dict[str, Fak
             channels = mirror.initializer(point.tensor).shape[point.spec.channel_axis]
         quantizers[point.tensor] = FakeQuantize(point.spec, channels).to(mirror.device)
         mirror.set_hook(point.tensor, quantizers[point.tensor])
+    for point in points:  # int32 biases read the scales of their layer's quantizers
+        if point.bias is not None:
+            bias, act = point.bias
+            mirror.set_hook(bias, BiasQuantize(mirror, quantizers, act, point.tensor))
     return quantizers
 
 

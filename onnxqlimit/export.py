@@ -2,7 +2,8 @@
 
 Weights become integer initializers in their narrowest ONNX type (int8; int4/uint4 from
 opset 21; int2/uint2 from opset 25; 3 bits in an int4 container, 5-7 in int8, values
-restricted to the true range) followed by DequantizeLinear. Activations get a
+restricted to the true range) followed by DequantizeLinear; the bias of a layer with a
+quantized weight and input becomes int32 (scale = input scale x weight scale). Activations get a
 QuantizeLinear -> DequantizeLinear pair, with a Max/Min clamp to the representable range
 first where the container is wider than the bit width (or narrower than 8 bits), so the
 file computes exactly what the mirror's FakeQuantize computes. The patterns are qdq.py's.
@@ -16,7 +17,8 @@ import onnx
 
 from .graph import topological_sort
 from .mirror import Mirror
-from .qdq import insert_activation, insert_weight
+from .qdq import insert_activation, insert_bias, insert_weight
+from .quant.fake_quant import BiasQuantize
 from .state import QuantState
 
 
@@ -46,6 +48,13 @@ def export_qdq(model: onnx.ModelProto, mirror: Mirror, state: QuantState,
             new_name = insert_activation(graph, point, quantizer)
         for node, index in readers:
             node.input[index] = new_name
+        bias_hook = mirror.get_hook(point.bias[0]) if point.bias is not None else None
+        if isinstance(bias_hook, BiasQuantize) and bias_hook.scale() is not None:
+            bias = point.bias[0]
+            readers = _consumers_of(graph, bias)
+            new_name = insert_bias(graph, bias, mirror.initializer(bias), bias_hook)
+            for node, index in readers:
+                node.input[index] = new_name
     used = {t for n in graph.node for t in n.input} | {o.name for o in graph.output}
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]

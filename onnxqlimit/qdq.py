@@ -6,9 +6,10 @@ around one node to time it, mixed/costs.py counts their bytes.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from onnx import helper, numpy_helper
 
-from .quant.fake_quant import FakeQuantize, QuantSpec
+from .quant.fake_quant import BiasQuantize, FakeQuantize, QuantSpec
 from .quant.policy import QuantPoint
 from .quant.widths import container_bits, container_dtype
 
@@ -70,6 +71,27 @@ def insert_weight(graph, point: QuantPoint, quantizer: FakeQuantize, weight, sto
                                            name=f"{base}_Reshape"))
         return f"{base}_unfused"
     return f"{base}_dequantized"
+
+
+def insert_bias(graph, bias: str, values, quantizer: BiasQuantize) -> str:
+    """A bias as int32 -> DequantizeLinear (no zero point: 0), the form onnxruntime folds
+    into QLinearConv / QGemm; the integers are the mirror's. The scale is per output
+    channel where the weight's is, else one number."""
+    scale = quantizer.scale().detach().float().cpu()
+    ints = torch.clamp(torch.round(values.detach().float().cpu() / scale), *BiasQuantize.INT32)
+    per_channel = scale.numel() > 1
+    scale = scale if per_channel else scale.reshape(())
+    graph.initializer.extend([numpy_helper.from_array(ints.numpy().astype(np.int32), f"{bias}_quantized"),
+                              numpy_helper.from_array(scale.numpy().astype(np.float32), f"{bias}_scale")])
+    graph.node.append(helper.make_node("DequantizeLinear", [f"{bias}_quantized", f"{bias}_scale"],
+                                       [f"{bias}_dequantized"], name=f"{bias}_DequantizeLinear",
+                                       **({"axis": 0} if per_channel else {})))
+    return f"{bias}_dequantized"
+
+
+def bias_storage_bytes(scales: int) -> int:
+    """What insert_bias adds to the float bias it replaces (int32 takes the float's 4 bytes): its scales."""
+    return 4 * scales
 
 
 def insert_activation(graph, point: QuantPoint, quantizer: FakeQuantize) -> str:

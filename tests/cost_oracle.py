@@ -118,8 +118,10 @@ def file_costs(path: str | Path) -> dict:
     gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
     producer = {o: n for n in model.graph.node for o in n.output}
     tables = {producer[t].input[0].removesuffix("_quantized") for t in gathered if t in producer}
+    # every dequantized initializer but int32 biases (their scales follow from the layer's)
     layers = {n.input[0].removesuffix("_quantized"): int(np.prod(inits[n.input[0]].dims)) for n in model.graph.node
-              if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+              if n.op_type == "DequantizeLinear" and n.input[0] in inits
+              and inits[n.input[0]].data_type != onnx.TensorProto.INT32}
     layers = {name: count for name, count in layers.items() if name not in tables}
     return {"size_bytes": initializer_bytes(model),
             "avg_wbits": sum(count * plan[name] for name, count in layers.items()) / sum(layers.values()),

@@ -47,8 +47,9 @@ def test_zoo_parity_at_every_width(tmp_path, name, wbits, abits):
     assert expected in types  # inner layers at the asked width; first/last stay 8-bit
     # Sizes are whole files: on these 0.3 MB nets the tensor names (weights are named after
     # their node since issue 12, e.g. /features/features.4/conv/conv.0/conv.0.0/Conv.weight)
-    # take ~4% of the file; the weights alone are a quarter / an eighth of float.
-    assert result.report.size_bytes["ratio"] < (0.37 if wbits == 8 else 0.28)
+    # take ~4% of the file, and at 8 bits the fused form adds an output Q/DQ pair and a bias
+    # scale per layer; the weights alone are a quarter / an eighth of float.
+    assert result.report.size_bytes["ratio"] < (0.40 if wbits == 8 else 0.28)
     assert result.report.costs["size_bytes"] < (0.26 if wbits == 8 else 0.2) * result.report.size_bytes["float"]
 
 

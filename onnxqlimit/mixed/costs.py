@@ -24,7 +24,7 @@ import onnx
 import torch
 
 from ..mirror import Mirror
-from ..qdq import activation_storage_bytes, weight_storage_bytes
+from ..qdq import activation_storage_bytes, bias_storage_bytes, weight_storage_bytes
 from ..quant.bits import BitPlan
 from ..quant.fake_quant import FakeQuantize, quantizers_disabled
 from ..quant.policy import COMPUTE_OPS, QuantPoint
@@ -62,7 +62,10 @@ class CostModel:
     def storage(self, tensor: str, bits: int) -> int:
         spec = replace(self.points[tensor].spec, bits=bits)
         if tensor in self.numel:
-            return weight_storage_bytes(spec, self.shapes[tensor])
+            bias = self.points[tensor].bias
+            extra = bias_storage_bytes(self.shapes[tensor][spec.channel_axis] if spec.channel_axis is not None
+                                       else 1) if bias is not None else 0
+            return weight_storage_bytes(spec, self.shapes[tensor]) + extra
         return activation_storage_bytes(spec)
 
     def node_widths(self, node: NodeCost, bits: Mapping[str, int]) -> tuple[int, int]:

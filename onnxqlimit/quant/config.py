@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field, fields
 
 from ..errors import QLimitError
+from .runtimes import adapt_scheme, check_widths, profile
 from .widths import check_bits
 
 WEIGHT_OBSERVERS = ("mse", "minmax")
@@ -88,17 +89,26 @@ class QuantConfig:
     scheme: Scheme = field(default_factory=Scheme)
     placement: Placement = field(default_factory=Placement)
     smooth: float | None = None  # SmoothQuant migration strength (alpha) for MatMul/Gemm inputs; None: off
+    runtime: str = "generic"  # the runtime profile (runtimes.py) the file is written for
 
     @classmethod
-    def of(cls, smooth: float | None = None, **settings) -> QuantConfig:
+    def of(cls, smooth: float | None = None, runtime: str = "generic", **settings) -> QuantConfig:
         """A config from flat keywords, each given to the part that owns it:
         `QuantConfig.of(wbits=4, abits=4, exclude=("head",), act_init="minmax")`."""
         parts = [part(**{f.name: settings.pop(f.name) for f in fields(part) if f.name in settings})
                  for part in (Widths, Scheme, Placement)]
         if settings:
             raise TypeError(f"QuantConfig.of: no setting named {', '.join(sorted(settings))}")
-        return cls(*parts, smooth=smooth)
+        return cls(*parts, smooth=smooth, runtime=runtime)
 
     def __post_init__(self):
         if self.smooth is not None and not 0.0 < self.smooth < 1.0:
             raise QLimitError(f"--smooth must be between 0 and 1 (got {self.smooth})")
+        # The profile fixes what the runtime needs (signedness, granularity) and refuses widths it cannot run.
+        runtime = profile(self.runtime)
+        self.scheme = adapt_scheme(runtime, self.scheme)
+        w = self.widths
+        check_widths(runtime, "weight", {w.wbits, *(o[1] for o in w.overrides)}, "--wbits")
+        check_widths(runtime, "activation", {w.abits, *(o[2] for o in w.overrides)}, "--abits")
+        if w.first_last_bits:
+            check_widths(runtime, "weight", {w.first_last_bits}, "--first-last-bits")

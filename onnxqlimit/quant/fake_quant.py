@@ -193,6 +193,35 @@ class FakeQuantize(nn.Module):
         return f"bits={s.bits}, {'symmetric' if s.symmetric else 'asymmetric'}, {kind}"
 
 
+class BiasQuantize(nn.Module):
+    """A layer's bias as int32 with scale = input scale x weight scale (per channel) and zero
+    point 0 - how integer kernels add it (QLinearConv, QGemm). The scales are read at each
+    call from the quantizers as they stand (learned scales, AdaRound modules swapped in); the
+    bias stays float while its activation is not quantized (float model, calibration)."""
+
+    INT32 = (-(2**31), 2**31 - 1)
+
+    def __init__(self, hooks, quantizers: Mapping[str, FakeQuantize], act: str, weight: str):
+        super().__init__()
+        self._refs = (hooks, quantizers)  # a tuple: not registered as submodules (they live elsewhere)
+        self.act, self.weight = act, weight
+
+    def scale(self) -> torch.Tensor | None:
+        """The bias scale, or None while the activation is not being quantized."""
+        hooks, quantizers = self._refs
+        act, weight = quantizers[self.act], quantizers[self.weight]
+        if hooks.get_hook(self.act) is not act or not (act.enabled and weight.enabled):
+            return None
+        return act.scale.reshape(()) * weight.scale.reshape(-1)
+
+    def forward(self, bias: torch.Tensor) -> torch.Tensor:
+        scale = self.scale()
+        if scale is None:
+            return bias
+        scale = scale.to(bias.dtype)
+        return torch.clamp(torch.round(bias / scale), *self.INT32) * scale
+
+
 def set_enabled(quantizers: Mapping[str, FakeQuantize], enabled: bool) -> None:
     for q in quantizers.values():
         q.enabled = enabled

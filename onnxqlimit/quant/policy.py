@@ -21,6 +21,7 @@ import onnx
 from ..errors import QLimitError
 from .config import Placement, QuantConfig, Widths
 from .fake_quant import QuantSpec
+from .runtimes import profile
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
@@ -34,6 +35,9 @@ class QuantPoint:
     consumers: list[str] = field(default_factory=list)  # names of the nodes whose input it is
     fixed: bool = False  # width set by the user (--bits) or the first/last rule: a search keeps it
     table: bool = False  # a Gather table: rounded to nearest, never tuned, fixed width, not in avg_wbits
+    output_of: str | None = None  # an output Q/DQ that lets the runtime fuse this compute node (fused form)
+    bias: tuple[str, str] | None = None  # weight only: (bias, activation input) of its layer, the bias
+    # stored as int32 with scale = activation scale x this weight's scale (fused form)
 
 
 def float_initializers(graph: onnx.GraphProto) -> set[str]:
@@ -159,7 +163,65 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
             _, abits, fixed = bits_for(node)
             for tensor in inputs:
                 add_act(tensor, abits, fixed, node)
-    return list(weights.values()) + list(acts.values())
+    fused_bits = profile(config.runtime).fused_bits
+    outputs_added = _fused_form(graph, compute, weights, acts, float_acts, fused_bits, scheme.act_symmetric) \
+        if fused_bits else []
+    return list(weights.values()) + list(acts.values()) + outputs_added
+
+
+def _fusion_tail(node: onnx.NodeProto, readers: dict[str, list[onnx.NodeProto]], inits, outputs: set[str]) -> str:
+    """Where a compute node's output Q belongs for the runtime to fuse the node: past a
+    MatMul's constant bias Add (MatMul + Add becomes Gemm) and a Relu / Clip that the
+    runtime folds into the Q - each only when it is the tensor's single reader."""
+    tensor = node.output[0]
+    steps = (("Add",), ("Relu", "Clip")) if node.op_type == "MatMul" else (("Relu", "Clip"),)
+    for ops in steps:
+        after = readers.get(tensor, [])
+        if tensor in outputs or len(after) != 1 or after[0].op_type not in ops:
+            continue
+        nxt = after[0]
+        if nxt.op_type == "Add" and not any(t in inits for t in nxt.input if t != tensor):
+            continue  # a join of two activations, not a bias
+        if nxt.op_type == "Clip" and nxt.input[0] != tensor:
+            continue
+        tensor = nxt.output[0]
+    return tensor
+
+
+def _fused_form(graph, compute, weights: dict[str, QuantPoint], acts: dict[str, QuantPoint], float_acts: set[str],
+                fused_bits: int, act_symmetric: bool) -> list[QuantPoint]:
+    """The form a runtime fuses into integer kernels (runtimes.py): every compute node whose
+    data inputs are all quantized at `fused_bits` gets a Q/DQ on its output (unless one
+    stands there already, or the output leaves the graph) and, for Conv / ConvTranspose /
+    Gemm, its 1-D float bias quantized to int32 (recorded on the weight's point)."""
+    inits = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for t in set(node.input):
+            readers.setdefault(t, []).append(node)
+    added: dict[str, QuantPoint] = {}
+    for node in compute:
+        inputs = [t for t in node.input[:2] if t]
+        points = [weights.get(t) or acts.get(t) for t in inputs]
+        if len(inputs) < 2 or any(p is None or p.spec.bits != fused_bits for p in points):
+            continue
+        tail = _fusion_tail(node, readers, inits, outputs)
+        if tail not in acts and tail not in added and tail not in outputs and tail in float_acts:
+            added[tail] = QuantPoint(tail, "activation", QuantSpec(fused_bits, act_symmetric), [], True,
+                                     output_of=node.name)
+        weight = next((p for p in points if p.kind == "weight"), None)
+        bias = node.input[2] if node.op_type != "MatMul" and len(node.input) > 2 else ""
+        if weight is None or bias not in inits or bias in weights or len(readers.get(bias, [])) != 1:
+            continue
+        act = next(p for p in points if p is not weight)
+        dims = list(inits[bias].dims)
+        channels = dims[0] if len(dims) == 1 else None
+        width = inits[weight.tensor].dims[weight.spec.channel_axis] if weight.spec.channel_axis is not None else channels
+        if channels is None or width != channels or len(weight.consumers) != 1 or act.kind != "activation":
+            continue  # grouped ConvTranspose, a shared weight, a broadcast bias: the bias stays float
+        weight.bias = (bias, act.tensor)
+    return list(added.values())
 
 
 def _add_table(node: onnx.NodeProto, inits, weights: dict[str, QuantPoint], symmetric: bool, bits: int) -> None:

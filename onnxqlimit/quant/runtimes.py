@@ -1,0 +1,113 @@
+"""Runtime profiles: what each deployment runtime runs in integer kernels, as one table.
+
+A file is only as fast as the patterns its runtime fuses. A profile says, per compute op,
+which weight and activation widths the runtime runs as integer arithmetic, how values map
+to integers (signedness, zero points, granularity) and whether 8-bit layers are written in
+the fused form: Q/DQ on the layer's output too (after a bias Add and a Relu/Clip that the
+runtime folds into the Q) and an int32 bias, so that DQ -> Conv/MatMul/Gemm -> Q matches
+QLinearConv / QLinearMatMul / QGemm. The placement (policy.py), the widths a search may
+choose and the export all read the profile; a width the runtime cannot run is refused.
+
+Sources, checked on the runtimes' own documentation and (for onnxruntime) by saving the
+optimized graph of small files (tests/test_runtime.py):
+- ort-cpu: onnxruntime 1.32 CPU fuses only 8-bit Q/DQ (QLinearConv needs the output Q;
+  MatMul/Gemm without one run as MatMulIntegerToFloat / QGemm with an int32 bias).
+  Activations uint8 with a zero point, weights int8 symmetric per channel ("U8S8", the
+  default of onnxruntime's quantize_static; on AVX2 without VNNI onnxruntime's guidance is
+  that U8S8 may saturate rarely - it does not on VNNI / AVX512 machines).
+- tensorrt: explicit quantization accepts Q/DQ with zero point 0 only: int8 symmetric
+  activations and weights (per-channel weights).
+- qnn (Qualcomm HTP): uint8/uint16 activations with zero points, symmetric int8/int4
+  per-channel weights, int32 biases - as onnxruntime's
+  `execution_providers.qnn.get_qnn_qdq_config` writes them (A16W8, A16W4 are its accurate
+  configurations).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterable, Mapping
+
+from ..errors import QLimitError
+from .widths import ACT_BITS, WEIGHT_BITS
+
+COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """The widths one compute op runs at on a runtime."""
+
+    weight_bits: tuple[int, ...]  # weight widths (activations quantized)
+    act_bits: tuple[int, ...]  # activation widths
+
+
+@dataclass(frozen=True)
+class RuntimeProfile:
+    name: str
+    summary: str
+    act_symmetric: bool | None = None  # forced activation signedness (True: int8, zero point 0); None: the user's
+    weight_symmetric: bool | None = None  # forced weight signedness; None: the user's
+    weight_per_channel: bool | None = None  # forced weight granularity; None: the user's
+    fused_bits: int | None = 8  # layers with weights and inputs at this width get output Q/DQ and int32 biases
+    ops: Mapping[str, OpRule] | None = None  # per compute op; None: every supported width
+
+    def rule(self, op_type: str) -> OpRule:
+        if self.ops is None:
+            return OpRule(WEIGHT_BITS, ACT_BITS)
+        return self.ops[op_type]
+
+    def weight_widths(self) -> set[int]:
+        return {b for op in COMPUTE for b in self.rule(op).weight_bits}
+
+    def act_widths(self) -> set[int]:
+        return {b for op in COMPUTE for b in self.rule(op).act_bits}
+
+
+_INT8 = OpRule(weight_bits=(8,), act_bits=(8,))
+_QNN = OpRule(weight_bits=(4, 8), act_bits=(8, 16))
+
+PROFILES: dict[str, RuntimeProfile] = {p.name: p for p in (
+    RuntimeProfile("generic", "every width; 8-bit layers in the form onnxruntime fuses"),
+    RuntimeProfile("ort-cpu", "onnxruntime CPU: W8A8 in integer kernels (uint8 activations, int8 per-channel weights)",
+                   act_symmetric=False, weight_symmetric=True, weight_per_channel=True,
+                   ops={op: _INT8 for op in COMPUTE}),
+    RuntimeProfile("tensorrt", "TensorRT explicit quantization: int8, zero point 0 everywhere",
+                   act_symmetric=True, weight_symmetric=True, weight_per_channel=True,
+                   ops={op: _INT8 for op in COMPUTE}),
+    RuntimeProfile("qnn", "Qualcomm QNN HTP: uint8/uint16 activations, symmetric int8/int4 per-channel weights",
+                   act_symmetric=False, weight_symmetric=True, weight_per_channel=True,
+                   ops={op: _QNN for op in COMPUTE}),
+)}
+RUNTIMES = tuple(PROFILES)
+
+
+def profile(name: str) -> RuntimeProfile:
+    if name not in PROFILES:
+        raise QLimitError(f"--runtime must be one of {', '.join(RUNTIMES)} (got {name!r})")
+    return PROFILES[name]
+
+
+def check_widths(runtime: RuntimeProfile, kind: str, widths: Iterable[int], flag: str) -> None:
+    """Refuse, in one line naming the profile, a width the runtime cannot run."""
+    allowed = runtime.weight_widths() if kind == "weight" else runtime.act_widths()
+    bad = sorted(set(widths) - allowed)
+    if bad:
+        raise QLimitError(f"{flag} {','.join(map(str, bad))}: runtime profile '{runtime.name}' runs {kind}s at "
+                          f"{','.join(map(str, sorted(allowed)))} bits only ({runtime.summary})")
+
+
+def scheme_conflicts(runtime: RuntimeProfile, settings: Mapping[str, bool]) -> None:
+    """Refuse explicit scheme settings (`act_symmetric`, `weight_symmetric`, `weight_per_channel`
+    -> the value asked for) that the runtime cannot take."""
+    for key, asked in settings.items():
+        forced = getattr(runtime, key)
+        if forced is not None and asked != forced:
+            raise QLimitError(f"runtime profile '{runtime.name}' needs {key.replace('_', ' ')} = {forced} "
+                              f"({runtime.summary})")
+
+
+def adapt_scheme(runtime: RuntimeProfile, scheme):
+    """`scheme` with the settings the runtime fixes."""
+    forced = {k: getattr(runtime, k) for k in ("act_symmetric", "weight_symmetric", "weight_per_channel")
+              if getattr(runtime, k) is not None}
+    return replace(scheme, **forced)
