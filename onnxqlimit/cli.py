@@ -17,6 +17,7 @@ from .quant.config import (
     Scheme,
     Widths,
 )
+from .quant.runtimes import RUNTIMES, profile, scheme_conflicts
 from .quant.widths import (
     ACT_BITS,
     DEFAULT_ABITS_CHOICES,
@@ -119,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True, help="where to write the quantized model")
     q.add_argument("--calib", required=True, help=".npz keyed by input name, or a folder of images (with --preprocess)")
     q.add_argument("--preprocess", help="for image folders: 'size=H,W;mean=a,b,c;std=a,b,c;scale=255;layout=NCHW;color=RGB'")
+    q.add_argument("--runtime", default="generic", choices=RUNTIMES,
+                   help="write the file for this runtime (docs/runtimes.md): generic (default: any width; 8-bit layers "
+                   "in the form onnxruntime fuses) | ort-cpu | tensorrt | qnn; a width it cannot run is refused")
     q.add_argument("--wbits", type=int, default=8, choices=WEIGHT_BITS, metavar="W",
                    help=f"weight bits, one of {_widths(WEIGHT_BITS)} (default 8)")
     q.add_argument("--abits", type=int, default=8, choices=ACT_BITS, metavar="A",
@@ -224,6 +228,11 @@ def build_configs(args: argparse.Namespace) -> tuple[QuantConfig, RunOptions]:
     import os
     from pathlib import Path
 
+    # scheme flags a runtime profile contradicts are refused, not silently overridden
+    explicit = {k: v for k, v in (("weight_symmetric", not args.weight_asymmetric),
+                                  ("weight_per_channel", not args.per_tensor), ("act_symmetric", args.act_symmetric))
+                if v != getattr(Scheme, k)}
+    scheme_conflicts(profile(args.runtime), explicit)
     if args.first_last_bits != "same" and not args.first_last_bits.isdigit():
         raise QLimitError(f"--first-last-bits must be a bit width or 'same' (got {args.first_last_bits!r})")
     config = QuantConfig(
@@ -235,7 +244,7 @@ def build_configs(args: argparse.Namespace) -> tuple[QuantConfig, RunOptions]:
                percentile=args.percentile),
         Placement(quantize_add=args.quantize_add, quantize_concat=args.quantize_concat,
                   quantize_act_matmul=args.quantize_attention, exclude=tuple(args.exclude)),
-        smooth=args.smooth)
+        smooth=args.smooth, runtime=args.runtime)
     recon = ReconConfig.preset(args.preset, method=args.method, iters=args.iters, calib_size=args.calib_size,
                                batch_size=args.batch_size, early_stop=False if args.no_early_stop else None,
                                granularity=args.granularity, max_layers=args.block_layers, loss=args.loss,

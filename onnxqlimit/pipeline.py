@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import onnx
@@ -41,6 +41,7 @@ from .quant.bits import BitPlan, plan_widths, read_plan_file
 from .quant.config import QuantConfig
 from .quant.policy import place
 from .quant.reach import last_layers
+from .quant.runtimes import profile, restrict_choices
 from .quant.widths import required_opset
 from .recon import ReconResult, reconstruct
 from .recon.checkpoint import Checkpoints, run_key
@@ -143,6 +144,8 @@ def prepare(model, calibration, config: QuantConfig | None = None, options: RunO
     if options.preprocess is not None:
         parse_preprocess(options.preprocess)  # a typo is refused before the model loads, folder or not
     searching = options.mixed.targets.any()
+    if searching:  # a search under a runtime profile chooses among the widths that runtime runs
+        options = replace(options, mixed=restrict_choices(profile(config.runtime), options.mixed))
     plan_entries = read_plan_file(options.bits_plan) if options.bits_plan else None
     if searching and plan_entries is not None:
         raise QLimitError("--bits-plan fixes every width; it cannot be combined with a --target-* search")

@@ -37,6 +37,7 @@ FLAGS = [
     (["--per-tensor"], {"config.scheme.weight_per_channel": False}),
     (["--weight-asymmetric"], {"config.scheme.weight_symmetric": False}),
     (["--act-symmetric"], {"config.scheme.act_symmetric": True}),
+    (["--runtime", "tensorrt"], {"config.runtime": "tensorrt", "config.scheme.act_symmetric": True}),
     (["--quantize-add"], {"config.placement.quantize_add": True}),
     (["--quantize-concat"], {"config.placement.quantize_concat": True}),
     (["--quantize-attention"], {"config.placement.quantize_act_matmul": True}),

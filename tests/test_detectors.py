@@ -111,7 +111,9 @@ def test_qdrop_export_matches_and_runs_at_another_batch(yolo, tmp_path, bits):
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
     assert got.shape == ref.shape == (3, 4 + CLASSES, (SIZE // 8) ** 2 + (SIZE // 16) ** 2 + (SIZE // 32) ** 2)
     boxes_sqnr = 10 * np.log10((ref[:, :4] ** 2).mean() / ((got[:, :4] - ref[:, :4]) ** 2).mean())
-    assert boxes_sqnr > (15 if bits == (8, 8) else 6)  # random weights: 19 / 10 dB here; a broken file is < 0
+    # random weights, 4 iterations: 15 / 10 dB here (W8A8 19 dB before the fused form put an
+    # 8-bit Q/DQ on every conv output, as onnxruntime's quantize_static does); a broken file is < 0
+    assert boxes_sqnr > (12 if bits == (8, 8) else 6)
     dq = [n for n in onnx.load(str(out)).graph.node if n.op_type == "DequantizeLinear"]
     inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
     weight_ints = [inits[n.input[0]] for n in dq if n.input[0] in inits and inits[n.input[0]].ndim == 4]

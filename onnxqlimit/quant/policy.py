@@ -164,8 +164,7 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
             for tensor in inputs:
                 add_act(tensor, abits, fixed, node)
     fused_bits = profile(config.runtime).fused_bits
-    outputs_added = _fused_form(graph, compute, weights, acts, float_acts, fused_bits, scheme.act_symmetric) \
-        if fused_bits else []
+    outputs_added = _fused_form(graph, compute, weights, acts, float_acts, fused_bits, scheme.act_symmetric)
     return list(weights.values()) + list(acts.values()) + outputs_added
 
 
@@ -189,11 +188,12 @@ def _fusion_tail(node: onnx.NodeProto, readers: dict[str, list[onnx.NodeProto]],
 
 
 def _fused_form(graph, compute, weights: dict[str, QuantPoint], acts: dict[str, QuantPoint], float_acts: set[str],
-                fused_bits: int, act_symmetric: bool) -> list[QuantPoint]:
+                fused_bits: tuple[int, ...], act_symmetric: bool) -> list[QuantPoint]:
     """The form a runtime fuses into integer kernels (runtimes.py): every compute node whose
-    data inputs are all quantized at `fused_bits` gets a Q/DQ on its output (unless one
-    stands there already, or the output leaves the graph) and, for Conv / ConvTranspose /
-    Gemm, its 1-D float bias quantized to int32 (recorded on the weight's point)."""
+    data inputs are all quantized at widths in `fused_bits` gets a Q/DQ on its output at its
+    input's width (unless one stands there already, or the output leaves the graph) and, for
+    Conv / ConvTranspose / Gemm, its 1-D float bias quantized to int32 (recorded on the
+    weight's point)."""
     inits = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -204,12 +204,12 @@ def _fused_form(graph, compute, weights: dict[str, QuantPoint], acts: dict[str, 
     for node in compute:
         inputs = [t for t in node.input[:2] if t]
         points = [weights.get(t) or acts.get(t) for t in inputs]
-        if len(inputs) < 2 or any(p is None or p.spec.bits != fused_bits for p in points):
+        if len(inputs) < 2 or any(p is None or p.spec.bits not in fused_bits for p in points):
             continue
         tail = _fusion_tail(node, readers, inits, outputs)
         if tail not in acts and tail not in added and tail not in outputs and tail in float_acts:
-            added[tail] = QuantPoint(tail, "activation", QuantSpec(fused_bits, act_symmetric), [], True,
-                                     output_of=node.name)
+            bits = max(p.spec.bits for p in points if p.kind == "activation")
+            added[tail] = QuantPoint(tail, "activation", QuantSpec(bits, act_symmetric), [], True, output_of=node.name)
         weight = next((p for p in points if p.kind == "weight"), None)
         bias = node.input[2] if node.op_type != "MatMul" and len(node.input) > 2 else ""
         if weight is None or bias not in inits or bias in weights or len(readers.get(bias, [])) != 1:

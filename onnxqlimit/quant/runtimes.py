@@ -25,7 +25,7 @@ optimized graph of small files (tests/test_runtime.py):
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from ..errors import QLimitError
 from .widths import ACT_BITS, WEIGHT_BITS
@@ -48,7 +48,8 @@ class RuntimeProfile:
     act_symmetric: bool | None = None  # forced activation signedness (True: int8, zero point 0); None: the user's
     weight_symmetric: bool | None = None  # forced weight signedness; None: the user's
     weight_per_channel: bool | None = None  # forced weight granularity; None: the user's
-    fused_bits: int | None = 8  # layers with weights and inputs at this width get output Q/DQ and int32 biases
+    fused_bits: tuple[int, ...] = (8,)  # layers whose weights and inputs are all at these widths get
+    # output Q/DQ (at their input's width) and int32 biases: the fused form
     ops: Mapping[str, OpRule] | None = None  # per compute op; None: every supported width
 
     def rule(self, op_type: str) -> OpRule:
@@ -75,7 +76,7 @@ PROFILES: dict[str, RuntimeProfile] = {p.name: p for p in (
                    act_symmetric=True, weight_symmetric=True, weight_per_channel=True,
                    ops={op: _INT8 for op in COMPUTE}),
     RuntimeProfile("qnn", "Qualcomm QNN HTP: uint8/uint16 activations, symmetric int8/int4 per-channel weights",
-                   act_symmetric=False, weight_symmetric=True, weight_per_channel=True,
+                   act_symmetric=False, weight_symmetric=True, weight_per_channel=True, fused_bits=(4, 8, 16),
                    ops={op: _QNN for op in COMPUTE}),
 )}
 RUNTIMES = tuple(PROFILES)
@@ -111,3 +112,14 @@ def adapt_scheme(runtime: RuntimeProfile, scheme):
     forced = {k: getattr(runtime, k) for k in ("act_symmetric", "weight_symmetric", "weight_per_channel")
               if getattr(runtime, k) is not None}
     return replace(scheme, **forced)
+
+
+def restrict_choices(runtime: RuntimeProfile, mixed):
+    """`mixed` (a MixedConfig) with its search's width choices cut to those the runtime runs."""
+    sens = mixed.sensitivity
+    wbits = tuple(b for b in sens.wbits_choices if b in runtime.weight_widths())
+    abits = tuple(b for b in sens.abits_choices if b in runtime.act_widths())
+    if not wbits or not abits:
+        kind, flag = ("weight", "--wbits-choices") if not wbits else ("activation", "--abits-choices")
+        check_widths(runtime, kind, sens.wbits_choices if not wbits else sens.abits_choices, flag)
+    return replace(mixed, sensitivity=replace(sens, wbits_choices=wbits, abits_choices=abits))

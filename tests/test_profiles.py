@@ -1,0 +1,111 @@
+"""Runtime profiles (quant/runtimes.py), checked on the files they write: integer types, zero
+points, which tensors carry Q/DQ, int32 biases - and the widths each profile refuses."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, numpy_helper
+
+from onnxqlimit.cli import main
+from onnxqlimit.runtime import check_runtime
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+COMPUTE = ("Conv", "Gemm", "MatMul")
+
+
+def _quantize(tmp_path: Path, *flags: str) -> onnx.ModelProto:
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(MODELS / "zoo_resnet.onnx"), "-o", str(out), "--calib",
+                 str(MODELS / "zoo_resnet_calib.npz"), "--method", "rtn", "--calib-size", "16", "--quiet",
+                 *flags]) == 0
+    return onnx.load(str(out))
+
+
+def _walk(model: onnx.ModelProto):
+    """(weight DQs, bias DQs, activation Qs) of a file as (node, integers-or-zero-point, scale) rows."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    weights, biases, acts = [], [], []
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            (biases if inits[node.input[0]].data_type == TensorProto.INT32 else weights).append(node)
+        elif node.op_type == "QuantizeLinear":
+            acts.append(node)
+    return inits, producer, weights, biases, acts
+
+
+def _zero_points(inits, nodes) -> list[np.ndarray]:
+    return [numpy_helper.to_array(inits[n.input[2]]) for n in nodes if len(n.input) > 2]
+
+
+def _fed_by(producer, tensor: str, op: str) -> bool:
+    return tensor in producer and producer[tensor].op_type == op
+
+
+@pytest.mark.parametrize("runtime", ["generic", "ort-cpu"])
+def test_w8a8_is_written_in_the_form_onnxruntime_fuses(tmp_path, runtime):
+    model = _quantize(tmp_path, "--runtime", runtime)
+    inits, producer, weights, biases, acts = _walk(model)
+    # uint8 activations with zero points, int8 symmetric per-channel weights (U8S8), int32 biases
+    assert {inits[n.input[2]].data_type for n in acts} == {TensorProto.UINT8}
+    assert {inits[n.input[0]].data_type for n in weights} == {TensorProto.INT8}
+    assert all(not z.any() for z in _zero_points(inits, weights))
+    assert all(numpy_helper.to_array(inits[n.input[1]]).ndim == 1 for n in weights)  # per channel
+    compute = [n for n in model.graph.node if n.op_type in COMPUTE]
+    assert len(biases) == len(compute)  # every Conv/Gemm of this net has a bias: all int32 now
+    for node in compute:  # every input of every compute node comes out of a DequantizeLinear
+        assert all(_fed_by(producer, t, "DequantizeLinear") for t in node.input)
+    # ... and every compute output reaches a QuantizeLinear, directly or through the Relu the
+    # runtime folds into it - unless it is the graph's output (the Gemm, QGemm with float output)
+    readers = {t: [n for n in model.graph.node if t in n.input] for n in compute for t in n.output}
+    outputs = {o.name for o in model.graph.output}
+    for node in compute:
+        out = node.output[0]
+        if out in outputs:
+            continue
+        after = readers[out]
+        if len(after) == 1 and after[0].op_type == "Relu":
+            after = [n for n in model.graph.node if after[0].output[0] in n.input]
+        assert any(n.op_type == "QuantizeLinear" for n in after), node.name
+    check = check_runtime(tmp_path / "q.onnx", {"input": np.zeros((1, 3, 32, 32), np.float32)})
+    assert check.integer == check.compute == len(compute), check.kernels
+
+
+def test_tensorrt_files_have_zero_points_zero_and_int8_only(tmp_path):
+    model = _quantize(tmp_path, "--runtime", "tensorrt")
+    inits, _, weights, biases, acts = _walk(model)
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    types = {inits[n.input[2]].data_type for n in qdq if len(n.input) > 2}
+    types |= {inits[n.input[0]].data_type for n in weights + biases}
+    assert types == {TensorProto.INT8, TensorProto.INT32}
+    assert all(not z.any() for z in _zero_points(inits, qdq))
+    assert acts and biases
+
+
+@pytest.mark.parametrize("wbits,weight_type", [(8, TensorProto.INT8), (4, TensorProto.INT4)])
+def test_qnn_a16_files_hold_uint16_activations_and_symmetric_weights(tmp_path, wbits, weight_type):
+    model = _quantize(tmp_path, "--runtime", "qnn", "--abits", "16", "--wbits", str(wbits))
+    inits, _, weights, biases, acts = _walk(model)
+    act_types = {inits[n.input[2]].data_type for n in acts}
+    assert act_types == {TensorProto.UINT16}  # first/last layers take max(16, 8)
+    assert {inits[n.input[0]].data_type for n in weights} == {weight_type, TensorProto.INT8}  # first/last: int8
+    assert all(not z.any() for z in _zero_points(inits, weights))
+    assert len(biases) == sum(n.op_type in COMPUTE for n in model.graph.node)  # A16W4 / A16W8: int32 biases
+
+
+@pytest.mark.parametrize("runtime,flags,message", [
+    ("ort-cpu", ["--wbits", "4"], "runtime profile 'ort-cpu' runs weights at 8 bits only"),
+    ("tensorrt", ["--abits", "4"], "runtime profile 'tensorrt' runs activations at 8 bits only"),
+    ("qnn", ["--wbits", "2"], "runtime profile 'qnn' runs weights at 4,8 bits only"),
+    ("qnn", ["--act-symmetric"], "runtime profile 'qnn' needs act symmetric = False"),
+    ("tensorrt", ["--bits", "conv.*=8/4"], "runtime profile 'tensorrt' runs activations at 8 bits only"),
+])
+def test_a_width_the_runtime_cannot_run_is_refused_in_one_line(tmp_path, capsys, runtime, flags, message):
+    out = tmp_path / "q.onnx"
+    code = main(["quantize", str(MODELS / "zoo_resnet.onnx"), "-o", str(out), "--calib",
+                 str(MODELS / "zoo_resnet_calib.npz"), "--runtime", runtime, *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not out.exists()
