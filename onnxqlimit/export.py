@@ -17,7 +17,7 @@ import onnx
 
 from .graph import topological_sort
 from .mirror import Mirror
-from .qdq import insert_activation, insert_bias, insert_weight
+from .qdq import gathers_rows, insert_activation, insert_bias, insert_gathered_table, insert_weight
 from .quant.fake_quant import BiasQuantize
 from .state import QuantState
 
@@ -41,6 +41,10 @@ def export_qdq(model: onnx.ModelProto, mirror: Mirror, state: QuantState,
     quantizers = state.quantizers
     for point in state.points:
         quantizer = quantizers[point.tensor]
+        gathers = gathers_rows(graph, point) if point.kind == "weight" else []
+        if gathers:  # an embedding: rows dequantized after the lookup, no DequantizeLinear of the table
+            insert_gathered_table(graph, point, quantizer, mirror.initializer(point.tensor), gathers, store)
+            continue
         readers = _consumers_of(graph, point.tensor)
         if point.kind == "weight":
             new_name = insert_weight(graph, point, quantizer, mirror.initializer(point.tensor), store)

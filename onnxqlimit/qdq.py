@@ -6,6 +6,7 @@ around one node to time it, mixed/costs.py counts their bytes.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import torch
 from onnx import helper, numpy_helper
 
@@ -71,6 +72,49 @@ def insert_weight(graph, point: QuantPoint, quantizer: FakeQuantize, weight, sto
                                            name=f"{base}_Reshape"))
         return f"{base}_unfused"
     return f"{base}_dequantized"
+
+
+def gathers_rows(graph, point: QuantPoint) -> list:
+    """The Gather nodes of a table whose rows insert_gathered_table can dequantize after the
+    lookup: every reader gathers along axis 0, and the integers are bytes (onnxruntime's Gather
+    takes no int4/int2). [] where the table keeps DequantizeLinear in front of its readers."""
+    readers = [n for n in graph.node if point.tensor in n.input]
+    rows = [n for n in readers if n.op_type == "Gather" and n.input[0] == point.tensor
+            and next((a.i for a in n.attribute if a.name == "axis"), 0) == 0]
+    ok = point.table and point.spec.channel_axis == 0 and container_bits(point.spec.bits) == 8
+    return rows if ok and rows and len(rows) == len(readers) else []
+
+
+def insert_gathered_table(graph, point: QuantPoint, quantizer: FakeQuantize, weight, gathers: list, store=None) -> None:
+    """A per-row quantized table read only by Gather: the integer rows are gathered, then
+    dequantized with their own gathered scales (Cast, - zero point, x scale - what
+    DequantizeLinear computes), so an inference touches only the rows it looks up instead of
+    dequantizing the whole table. Scales and zero points are stored as [rows, 1] columns so
+    that the gathered ones broadcast over each row; the bytes are insert_weight's."""
+    spec = point.spec
+    ints = quantizer.quantize(weight.detach()).cpu().numpy().astype(np.int32).astype(container_dtype(spec.bits, spec.symmetric))
+    scale, zero = _qparam_arrays(quantizer, per_channel=True)
+    base = point.tensor
+    stored = numpy_helper.from_array(ints, f"{base}_quantized")
+    graph.initializer.extend([store(stored) if store is not None else stored,
+                              numpy_helper.from_array(scale.reshape(-1, 1), f"{base}_scale"),
+                              numpy_helper.from_array(zero.reshape(-1, 1), f"{base}_zero_point")])
+    for gather in gathers:
+        out, ids = gather.output[0], gather.input[1]
+        gather.input[0], gather.output[0] = f"{base}_quantized", f"{out}_quantized_rows"
+        nodes = [helper.make_node("Gather", [f"{base}_scale", ids], [f"{out}_row_scale"], name=f"{out}_GatherScale"),
+                 helper.make_node("Cast", [f"{out}_quantized_rows"], [f"{out}_integer_rows"], name=f"{out}_Cast",
+                                  to=onnx.TensorProto.FLOAT)]
+        # (q - zero point) x scale, as DequantizeLinear computes it; the zero point is kept even
+        # when symmetric (all zeros): the file then holds exactly the bytes insert_weight's does
+        nodes += [helper.make_node("Gather", [f"{base}_zero_point", ids], [f"{out}_row_zero"], name=f"{out}_GatherZero"),
+                  helper.make_node("Cast", [f"{out}_row_zero"], [f"{out}_row_zero_float"], name=f"{out}_CastZero",
+                                   to=onnx.TensorProto.FLOAT),
+                  helper.make_node("Sub", [f"{out}_integer_rows", f"{out}_row_zero_float"], [f"{out}_centered_rows"],
+                                   name=f"{out}_Sub")]
+        rows = f"{out}_centered_rows"
+        nodes.append(helper.make_node("Mul", [rows, f"{out}_row_scale"], [out], name=f"{out}_Dequantize"))
+        graph.node.extend(nodes)
 
 
 def insert_bias(graph, bias: str, values, quantizer: BiasQuantize) -> str:

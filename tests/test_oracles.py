@@ -357,8 +357,14 @@ def test_cli_scheme_and_placement_flags_reach_the_file(tmp_path, capsys, act_ini
 # Weight schemes in the file: asymmetric (unsigned, zero points) and per-tensor scales.
 
 def _weights_in_file(model: onnx.ModelProto, name: str):
+    """(integers, scale, zero point, axis) of a weight; a table whose rows are gathered as
+    integers (no DequantizeLinear) reports axis 0 and its [rows, 1] scale column as a vector."""
     inits = {t.name: t for t in model.graph.initializer}
-    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == f"{name}_quantized")
+    dq = next((n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == f"{name}_quantized"),
+              None)
+    if dq is None:
+        return (inits[f"{name}_quantized"], numpy_helper.to_array(inits[f"{name}_scale"]).reshape(-1),
+                numpy_helper.to_array(inits[f"{name}_zero_point"]).reshape(-1), 0)
     axis = next((a.i for a in dq.attribute if a.name == "axis"), None)
     return (inits[f"{name}_quantized"], numpy_helper.to_array(inits[f"{name}_scale"]),
             numpy_helper.to_array(inits[f"{name}_zero_point"]), axis)

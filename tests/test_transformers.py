@@ -41,13 +41,15 @@ def _quantize(encoder, tmp_path, config: QuantConfig, method="rtn", name="q.onnx
     return onnx.load(str(tmp_path / name))
 
 
-def _word_table_dq(model: onnx.ModelProto):
-    """The word table's stored integers and scales, and the DequantizeLinear a Gather reads."""
+def _word_table(model: onnx.ModelProto):
+    """The word table's stored integers and per-row scales, and the node that reads them: a
+    Gather of the integer rows (8-bit: rows dequantized after the lookup) or the
+    DequantizeLinear a Gather reads (sub-byte tables: onnxruntime's Gather takes no int4)."""
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
-    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] in gathered
-              and inits[n.input[0]].shape == (VOCAB, HIDDEN))
-    return inits[dq.input[0]], inits[dq.input[1]], dq
+    reader = next(n for n in model.graph.node if n.op_type in ("Gather", "DequantizeLinear")
+                  and n.input[0] in inits and inits[n.input[0]].shape == (VOCAB, HIDDEN))
+    name = reader.input[0].removesuffix("_quantized")
+    return inits[reader.input[0]], inits[f"{name}_scale"], reader
 
 
 def test_embedding_tables_are_weight_only_per_row_and_never_tuned(encoder):
@@ -67,9 +69,14 @@ def test_embedding_tables_are_weight_only_per_row_and_never_tuned(encoder):
 @pytest.mark.parametrize("bits,dtype", [(8, "int8"), (4, "int4")])
 def test_exported_tables_are_rounded_rows_and_run_at_other_shapes(encoder, tmp_path, bits, dtype):
     model = _quantize(encoder, tmp_path, QuantConfig.of(wbits=8, abits=8, embedding_bits=bits), method="qdrop")
-    ints, scale, dq = _word_table_dq(model)
-    assert ints.shape[0] == scale.shape[0] and scale.ndim == 1 and str(ints.dtype) == dtype  # per row
-    assert next(a.i for a in dq.attribute if a.name == "axis") == 0
+    ints, scale, reader = _word_table(model)
+    assert ints.shape[0] == scale.shape[0] and str(ints.dtype) == dtype  # per row
+    if bits == 8:  # the lookup reads the integers; only the gathered rows are dequantized
+        assert reader.op_type == "Gather" and scale.shape == (VOCAB, 1)
+        assert not any(n.op_type == "DequantizeLinear" and n.input[0] == reader.input[0] for n in model.graph.node)
+    else:
+        assert reader.op_type == "DequantizeLinear" and next(a.i for a in reader.attribute if a.name == "axis") == 0
+    scale = scale.reshape(-1)
     table = next(numpy_helper.to_array(t) for t in onnx.load(str(encoder)).graph.initializer
                  if tuple(t.dims) == (VOCAB, HIDDEN))
     limit = 2 ** (bits - 1)
