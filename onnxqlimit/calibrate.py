@@ -7,6 +7,7 @@ mixed-precision search tries several) come without running the model again.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Iterable, Mapping
 
@@ -36,8 +37,8 @@ def attach_quantizers(mirror: Mirror, points: list[QuantPoint]) -> dict[str, Fak
     quantizers = {}
     for point in points:
         channels = 1
-        if point.kind == "weight" and point.spec.channel_axis is not None:
-            channels = mirror.initializer(point.tensor).shape[point.spec.channel_axis]
+        if point.kind == "weight":
+            channels = math.prod(point.spec.scale_shape(tuple(mirror.initializer(point.tensor).shape)))
         quantizers[point.tensor] = FakeQuantize(point.spec, channels).to(mirror.device)
         mirror.set_hook(point.tensor, quantizers[point.tensor])
     for point in points:  # int32 biases read the scales of their layer's quantizers

@@ -22,7 +22,9 @@ from .quant.widths import (
     ACT_BITS,
     DEFAULT_ABITS_CHOICES,
     DEFAULT_WBITS_CHOICES,
+    FLOAT_BITS,
     WEIGHT_BITS,
+    WEIGHT_BLOCKS,
 )
 from .recon.blocks import GRANULARITIES
 from .recon.config import LOSSES, METHODS, PRESETS, ReconConfig
@@ -64,6 +66,13 @@ def _widths_arg(text: str) -> tuple[int, ...]:
     if not widths:
         raise argparse.ArgumentTypeError("expected at least one width")
     return widths
+
+
+def _abits_arg(text: str) -> int | str:
+    """An activation width; 'none' (or 'float') is FLOAT_BITS: weight-only."""
+    if text.lower() in ("none", "float"):
+        return FLOAT_BITS
+    return int(text) if text.isdigit() else text  # argparse's choices refuse anything else
 
 
 def _positive(text: str) -> int:
@@ -125,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "in the form onnxruntime fuses) | ort-cpu | tensorrt | qnn; a width it cannot run is refused")
     q.add_argument("--wbits", type=int, default=8, choices=WEIGHT_BITS, metavar="W",
                    help=f"weight bits, one of {_widths(WEIGHT_BITS)} (default 8)")
-    q.add_argument("--abits", type=int, default=8, choices=ACT_BITS, metavar="A",
-                   help=f"activation bits, one of {_widths(ACT_BITS)} (default 8)")
+    q.add_argument("--abits", type=_abits_arg, default=8, choices=ACT_BITS, metavar="A",
+                   help=f"activation bits, one of {_widths(ACT_BITS[:-1])}, or 32 / none: activations stay float "
+                   "(weight-only; onnxruntime runs such MatMuls as MatMulNBits) (default 8)")
     m = q.add_argument_group("mixed precision (any --target-* runs the search; docs/mixed_precision.md)")
     m.add_argument("--target-size", type=_size_arg, metavar="SIZE", help="weight storage of the file, e.g. 600KB, 1.5MB")
     m.add_argument("--target-avg-wbits", type=float, metavar="BITS", help="parameter-weighted weight bits, e.g. 3.0")
@@ -196,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-init", choices=ACT_OBSERVERS, default="mse", help="activation range observer (default mse)")
     q.add_argument("--percentile", type=float, default=99.99, help="for --act-init percentile (default 99.99)")
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default per output channel)")
+    q.add_argument("--weight-block", type=int, choices=WEIGHT_BLOCKS, metavar="K",
+                   help="MatMul/Gemm weights: one scale per output channel and block of K inputs "
+                   f"({_widths(WEIGHT_BLOCKS)}; DequantizeLinear block_size, opset 21)")
     q.add_argument("--weight-asymmetric", action="store_true", help="unsigned weights with a zero point")
     q.add_argument("--act-symmetric", action="store_true", help="signed activations, zero point 0")
     q.add_argument("--quantize-add", action="store_true", help="also quantize residual Add inputs")
@@ -241,7 +254,7 @@ def build_configs(args: argparse.Namespace) -> tuple[QuantConfig, RunOptions]:
                embedding_bits=args.embedding_bits or None, overrides=parse_bit_overrides(args.bits)),
         Scheme(weight_symmetric=not args.weight_asymmetric, weight_per_channel=not args.per_tensor,
                weight_init=args.weight_init, act_symmetric=args.act_symmetric, act_init=args.act_init,
-               percentile=args.percentile),
+               percentile=args.percentile, weight_block=args.weight_block),
         Placement(quantize_add=args.quantize_add, quantize_concat=args.quantize_concat,
                   quantize_act_matmul=args.quantize_attention, exclude=tuple(args.exclude)),
         smooth=args.smooth, runtime=args.runtime)

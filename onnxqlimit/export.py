@@ -17,13 +17,33 @@ import onnx
 
 from .graph import topological_sort
 from .mirror import Mirror
-from .qdq import gathers_rows, insert_activation, insert_bias, insert_gathered_table, insert_weight
+from .qdq import (
+    gathers_rows,
+    insert_activation,
+    insert_bias,
+    insert_gathered_table,
+    insert_weight,
+)
 from .quant.fake_quant import BiasQuantize
 from .state import QuantState
 
 
 def _consumers_of(graph: onnx.GraphProto, name: str):
     return [(node, i) for node in graph.node for i, t in enumerate(node.input) if t == name]
+
+
+def _weight_only_gemm(readers, point, quantizers) -> bool:
+    """Whether a weight is read only as B of Gemms with transB=1 and float activations, which
+    onnxruntime fuses into MatMulNBits only untransposed: the weight is then stored transposed
+    and the Gemms read it with transB=0 (exactly the same product). Flips the attribute."""
+    gemms = [node for node, index in readers if node.op_type == "Gemm" and index == 1
+             and next((a.i for a in node.attribute if a.name == "transB"), 0) == 1
+             and (node.input[0] not in quantizers or quantizers[node.input[0]].spec.is_float)]
+    if not gemms or len(gemms) != len(readers) or point.spec.channel_axis is None:
+        return False
+    for node in gemms:
+        next(a for a in node.attribute if a.name == "transB").i = 0
+    return True
 
 
 def export_qdq(model: onnx.ModelProto, mirror: Mirror, state: QuantState,
@@ -40,6 +60,8 @@ def export_qdq(model: onnx.ModelProto, mirror: Mirror, state: QuantState,
     graph = out.graph
     quantizers = state.quantizers
     for point in state.points:
+        if point.spec.is_float:  # an activation the plan leaves float: no Q/DQ
+            continue
         quantizer = quantizers[point.tensor]
         gathers = gathers_rows(graph, point) if point.kind == "weight" else []
         if gathers:  # an embedding: rows dequantized after the lookup, no DequantizeLinear of the table
@@ -47,7 +69,8 @@ def export_qdq(model: onnx.ModelProto, mirror: Mirror, state: QuantState,
             continue
         readers = _consumers_of(graph, point.tensor)
         if point.kind == "weight":
-            new_name = insert_weight(graph, point, quantizer, mirror.initializer(point.tensor), store)
+            transpose = _weight_only_gemm(readers, point, quantizers)
+            new_name = insert_weight(graph, point, quantizer, mirror.initializer(point.tensor), store, transpose)
         else:
             new_name = insert_activation(graph, point, quantizer)
         for node, index in readers:

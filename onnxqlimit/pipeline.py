@@ -154,7 +154,8 @@ def prepare(model, calibration, config: QuantConfig | None = None, options: RunO
     if searching:
         choices = options.mixed.sensitivity
         widths |= set(choices.wbits_choices) | set(choices.abits_choices)
-    loaded = load_model(original, LoadConfig(simplify=options.simplify, min_opset=required_opset(widths)))
+    loaded = load_model(original, LoadConfig(simplify=options.simplify,
+                                               min_opset=required_opset(widths, config.scheme.weight_block is not None)))
     mirror = Mirror(loaded).to(device)
     calib_size = options.recon.calib_size
     feeds = conform(calibration_feeds(calibration, mirror.input_names, calib_size + HOLD_BACK, options.preprocess),

@@ -5,6 +5,8 @@ around one node to time it, mixed/costs.py counts their bytes.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import torch
@@ -29,37 +31,52 @@ def weight_storage_bytes(spec: QuantSpec, shape: tuple[int, ...]) -> int:
     (and, for int2, the fusion guard's shape)."""
     container = container_bits(spec.bits)
     numel = int(np.prod(shape))
-    channels = shape[spec.channel_axis] if spec.channel_axis is not None else 1
+    channels = int(np.prod(spec.scale_shape(tuple(shape))))  # scales (and zero points)
     guard = 8 * len(shape) if needs_fusion_guard(spec) else 0
     return -(-numel * container // 8) + 4 * channels + -(-channels * container // 8) + guard
 
 
 def activation_storage_bytes(spec: QuantSpec) -> int:
-    """What insert_activation stores: scale, zero point and, where clipped, the two bounds."""
+    """What insert_activation stores: scale, zero point and, where clipped, the two bounds
+    (nothing for an activation left float)."""
+    if spec.is_float:
+        return 0
     return 4 + -(-container_bits(spec.bits) // 8) + (8 if needs_clip(spec) else 0)
 
 
 
 
 
-def _qparam_arrays(quantizer: FakeQuantize, per_channel: bool):
+def _qparam_arrays(quantizer: FakeQuantize, per_channel: bool, shape: tuple[int, ...] | None = None):
+    """Scale and zero point as stored: one number, a vector per channel, or (with the weight's
+    `shape`) the block grid of a block-wise weight."""
     scale = quantizer.scale.detach().float().cpu().numpy()
     zero = quantizer.zero_point.detach().cpu().numpy()
     if not per_channel:
         scale, zero = scale.reshape(()), zero.reshape(())
+    elif shape is not None:
+        scale, zero = scale.reshape(quantizer.spec.scale_shape(shape)), zero.reshape(quantizer.spec.scale_shape(shape))
     return scale.astype(np.float32), zero.astype(container_dtype(quantizer.spec.bits, quantizer.spec.symmetric))
 
 
-def insert_weight(graph, point: QuantPoint, quantizer: FakeQuantize, weight, store=None) -> str:
+def insert_weight(graph, point: QuantPoint, quantizer: FakeQuantize, weight, store=None,
+                  transpose: bool = False) -> str:
+    """`transpose`: store a 2-D weight transposed (integers, scales, axes), for a reader that
+    then reads it untransposed (see export's weight-only Gemm)."""
     spec = point.spec
     ints = quantizer.quantize(weight.detach()).cpu().numpy().astype(np.int32).astype(container_dtype(spec.bits, spec.symmetric))
-    scale, zero = _qparam_arrays(quantizer, spec.channel_axis is not None)
+    scale, zero = _qparam_arrays(quantizer, spec.channel_axis is not None, tuple(ints.shape))
+    if transpose:
+        ints, scale, zero = ints.T, scale.T, zero.T  # (.T of a vector or a scalar is itself)
+        spec = replace(spec, channel_axis=None if spec.channel_axis is None else 1 - spec.channel_axis)
     base = point.tensor
     stored = numpy_helper.from_array(ints, f"{base}_quantized")
     graph.initializer.extend([store(stored) if store is not None else stored,
                               numpy_helper.from_array(scale, f"{base}_scale"),
                               numpy_helper.from_array(zero, f"{base}_zero_point")])
     attrs = {"axis": spec.channel_axis} if spec.channel_axis is not None else {}
+    if spec.block_size is not None:  # blocks along the reduction axis (opset 21)
+        attrs = {"axis": spec.block_axis, "block_size": spec.block_size}
     graph.node.append(helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
                                        [f"{base}_dequantized"], name=f"{base}_DequantizeLinear", **attrs))
     if needs_fusion_guard(spec):

@@ -37,6 +37,8 @@ FLAGS = [
     (["--per-tensor"], {"config.scheme.weight_per_channel": False}),
     (["--weight-asymmetric"], {"config.scheme.weight_symmetric": False}),
     (["--act-symmetric"], {"config.scheme.act_symmetric": True}),
+    (["--weight-block", "64"], {"config.scheme.weight_block": 64}),
+    (["--abits", "none"], {"config.widths.abits": 32}),
     (["--runtime", "tensorrt"], {"config.runtime": "tensorrt", "config.scheme.act_symmetric": True}),
     (["--quantize-add"], {"config.placement.quantize_add": True}),
     (["--quantize-concat"], {"config.placement.quantize_concat": True}),

@@ -97,11 +97,14 @@ def test_qnn_a16_files_hold_uint16_activations_and_symmetric_weights(tmp_path, w
 
 
 @pytest.mark.parametrize("runtime,flags,message", [
-    ("ort-cpu", ["--wbits", "4"], "runtime profile 'ort-cpu' runs weights at 8 bits only"),
-    ("tensorrt", ["--abits", "4"], "runtime profile 'tensorrt' runs activations at 8 bits only"),
-    ("qnn", ["--wbits", "2"], "runtime profile 'qnn' runs weights at 4,8 bits only"),
+    ("ort-cpu", ["--wbits", "4"], "runtime profile 'ort-cpu' cannot run W4A8"),
+    ("tensorrt", ["--abits", "4"], "runtime profile 'tensorrt' cannot run W8A4"),
+    ("tensorrt", ["--wbits", "4", "--abits", "none"], "'tensorrt' runs weight-only layers block-wise only"),
+    ("qnn", ["--wbits", "2"], "runtime profile 'qnn' cannot run W2A8"),
+    ("qnn", ["--abits", "none"], "runtime profile 'qnn' cannot run W8Afloat"),
     ("qnn", ["--act-symmetric"], "runtime profile 'qnn' needs act symmetric = False"),
-    ("tensorrt", ["--bits", "conv.*=8/4"], "runtime profile 'tensorrt' runs activations at 8 bits only"),
+    ("tensorrt", ["--bits", "conv.*=8/4"], "--bits conv.*=8/4: runtime profile 'tensorrt' cannot run W8A4"),
+    ("generic", ["--per-tensor", "--weight-block", "32"], "--weight-block gives each output channel its own scales"),
 ])
 def test_a_width_the_runtime_cannot_run_is_refused_in_one_line(tmp_path, capsys, runtime, flags, message):
     out = tmp_path / "q.onnx"
@@ -109,3 +112,18 @@ def test_a_width_the_runtime_cannot_run_is_refused_in_one_line(tmp_path, capsys,
                  str(MODELS / "zoo_resnet_calib.npz"), "--runtime", runtime, *flags])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_ort_cpu_weight_only_keeps_convolutions_at_w8a8(tmp_path):
+    """ort-cpu runs 4-bit weights only as weight-only MatMul/Gemm: asked for W4 weight-only, the
+    convolutions of a CNN stay W8A8 (the form onnxruntime fuses) and the classifier Gemm - the
+    last layer, 8-bit weights - runs weight-only (MatMulNBits)."""
+    model = _quantize(tmp_path, "--runtime", "ort-cpu", "--wbits", "4", "--abits", "none")
+    inits, producer, weights, _, _ = _walk(model)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    assert all(_fed_by(producer, n.input[0], "DequantizeLinear") for n in convs)
+    assert all(inits[producer[n.input[1]].input[0]].data_type == TensorProto.INT8 for n in convs)
+    assert not _fed_by(producer, gemm.input[0], "DequantizeLinear")  # float activations: weight-only
+    check = check_runtime(tmp_path / "q.onnx", {"input": np.zeros((1, 3, 32, 32), np.float32)})
+    assert check.integer == check.compute, check.kernels

@@ -134,3 +134,41 @@ def test_a_smoothed_quantized_encoder_keeps_parity_and_smooth_is_validated(encod
     for bad in (0.0, 1.0, -0.5):
         with pytest.raises(QLimitError, match="--smooth"):
             QuantConfig.of(smooth=bad)
+
+
+@pytest.mark.parametrize("method", ["rtn", "qdrop"])
+def test_weight_only_block_wise_matmuls_run_as_matmulnbits(encoder, tmp_path, method):
+    """--abits none --weight-block 32: MatMul weights as int4 with one scale per 32 inputs of
+    each output channel (DequantizeLinear block_size, opset 21), activations left float, so
+    onnxruntime runs every weight MatMul as MatMulNBits; the file passes parity as written."""
+    from onnxqlimit.runtime import check_runtime
+
+    model = _quantize(encoder, tmp_path, QuantConfig.of(wbits=4, abits=32, weight_block=32), method=method)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert not any(n.op_type == "QuantizeLinear" for n in model.graph.node)  # weight-only
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    blocked = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
+               and any(a.name == "block_size" for a in n.attribute)]
+    # (the loader's simplification turns MatMul + bias Add into Gemm; onnxruntime fuses both forms)
+    matmuls = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1].endswith("_dequantized")]
+    assert len(blocked) == len(matmuls) > 0
+    for dq in blocked:
+        attrs = {a.name: a.i for a in dq.attribute}
+        ints, scale = inits[dq.input[0]], inits[dq.input[1]]
+        assert attrs == {"axis": 0, "block_size": 32} and scale.shape == (-(-ints.shape[0] // 32), ints.shape[1])
+    feeds = token_feeds(np.random.default_rng(3), 2, 12)
+    check = check_runtime(tmp_path / "q.onnx", feeds)
+    assert check.kernels.get("MatMulNBits") == len(matmuls), check.kernels
+    # onnxruntime's accuracy level 1 (float activations inside MatMulNBits) computes the file as written
+    written = ort.InferenceSession(str(tmp_path / "q.onnx"), _options(disable=True), providers=["CPUExecutionProvider"])
+    fused = ort.InferenceSession(str(tmp_path / "q.onnx"), _options(level=1), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(fused.run(None, feeds)[0], written.run(None, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+def _options(disable: bool = False, level: int | None = None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    if disable:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if level is not None:
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+    return options

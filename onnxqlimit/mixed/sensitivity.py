@@ -84,7 +84,8 @@ def cache_key(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], state: Qu
     for name in sorted(feeds):
         array = np.ascontiguousarray(feeds[name][: config.samples])
         digest.update(name.encode() + str(array.dtype).encode() + str(array.shape).encode() + array.tobytes())
-    points = [(p.tensor, p.kind, p.fixed, p.spec.bits if p.fixed else None, p.spec.symmetric, p.spec.channel_axis)
+    points = [(p.tensor, p.kind, p.fixed, p.spec.bits if p.fixed else None, p.spec.symmetric, p.spec.channel_axis,
+               p.spec.block_size)
               for p in state.points]
     digest.update(json.dumps([CACHE_VERSION, points, asdict(config), asdict(block_config), quant_settings, seed],
                              sort_keys=True, default=str).encode())

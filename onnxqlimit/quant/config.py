@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass, field, fields
 
 from ..errors import QLimitError
-from .runtimes import adapt_scheme, check_widths, profile
-from .widths import check_bits
+from .runtimes import adapt_scheme, check_pairs, profile
+from .widths import WEIGHT_BLOCKS, check_bits
 
 WEIGHT_OBSERVERS = ("mse", "minmax")
 ACT_OBSERVERS = ("mse", "minmax", "percentile")
@@ -62,6 +62,7 @@ class Scheme:
     act_symmetric: bool = False
     act_init: str = "mse"  # activation range observer: mse | minmax | percentile
     percentile: float = 99.99  # for act_init "percentile"
+    weight_block: int | None = None  # MatMul/Gemm weights: one scale per block of this many along K
 
     def __post_init__(self):
         if self.weight_init not in WEIGHT_OBSERVERS:
@@ -70,6 +71,12 @@ class Scheme:
             raise QLimitError(f"--act-init must be one of {', '.join(ACT_OBSERVERS)} (got {self.act_init!r})")
         if not 0 < self.percentile <= 100:
             raise QLimitError(f"--percentile must be in (0, 100] (got {self.percentile})")
+        if self.weight_block is not None:
+            if self.weight_block not in WEIGHT_BLOCKS:
+                raise QLimitError(f"--weight-block must be one of {', '.join(map(str, WEIGHT_BLOCKS))} "
+                                  f"(got {self.weight_block})")
+            if not self.weight_per_channel:
+                raise QLimitError("--weight-block gives each output channel its own scales: it cannot be --per-tensor")
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,9 @@ class QuantConfig:
         runtime = profile(self.runtime)
         self.scheme = adapt_scheme(runtime, self.scheme)
         w = self.widths
-        check_widths(runtime, "weight", {w.wbits, *(o[1] for o in w.overrides)}, "--wbits")
-        check_widths(runtime, "activation", {w.abits, *(o[2] for o in w.overrides)}, "--abits")
+        pairs = [(w.wbits, w.abits, f"--wbits {w.wbits} --abits {w.abits}")]
+        pairs += [(wb, ab, f"--bits {pattern}={wb}/{ab}") for pattern, wb, ab in w.overrides]
         if w.first_last_bits:
-            check_widths(runtime, "weight", {w.first_last_bits}, "--first-last-bits")
+            pairs.append((max(w.wbits, w.first_last_bits), max(w.abits, w.first_last_bits),
+                          f"--first-last-bits {w.first_last_bits}"))
+        check_pairs(runtime, pairs, self.scheme.weight_block)

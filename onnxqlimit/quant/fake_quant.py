@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .widths import ACT_BITS
+from .widths import ACT_BITS, FLOAT_BITS
 
 
 @dataclass(frozen=True)
@@ -26,10 +26,36 @@ class QuantSpec:
     bits: int
     symmetric: bool  # symmetric: signed integers, zero point 0; else unsigned with a zero point
     channel_axis: int | None = None  # per-channel along this axis, or per-tensor
+    block_size: int | None = None  # 2-D weights: one scale per channel and per block of this many
+    # elements along the other (reduction) axis - DequantizeLinear's block_size
 
     def __post_init__(self):
         if self.bits not in ACT_BITS:  # the widest set; policy and plans check per kind
             raise ValueError(f"bit width must be one of {ACT_BITS}, got {self.bits}")
+        if self.block_size is not None and self.channel_axis not in (0, 1):
+            raise ValueError("block-wise scales need a per-channel axis of a 2-D weight")
+
+    @property
+    def is_float(self) -> bool:
+        """A placeholder that quantizes nothing (an activation a plan leaves float)."""
+        return self.bits == FLOAT_BITS
+
+    @property
+    def block_axis(self) -> int | None:
+        """The axis the blocks run along (the reduction axis of a 2-D weight), or None."""
+        return None if self.block_size is None else 1 - self.channel_axis
+
+    def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of the scales of a tensor of `shape`, as DequantizeLinear takes them:
+        () per tensor, (channels,) per channel, the weight's shape with the block axis
+        divided by the block size (rounded up) when block-wise."""
+        if self.channel_axis is None:
+            return ()
+        if self.block_size is None:
+            return (shape[self.channel_axis],)
+        blocked = list(shape)
+        blocked[self.block_axis] = -(-shape[self.block_axis] // self.block_size)
+        return tuple(blocked)
 
     @property
     def qmin(self) -> int:
@@ -164,9 +190,14 @@ class FakeQuantize(nn.Module):
             self.zero_point = zero_point.detach().reshape(-1).float().round().to(self.scale.device)
 
     def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        axis = self.spec.channel_axis
+        spec = self.spec
+        axis = spec.channel_axis
         if axis is None:
             return t.reshape(())
+        if spec.block_size is not None:  # each block's scale repeated over its elements
+            k = spec.block_axis
+            blocks = t.reshape(spec.scale_shape(tuple(x.shape)))
+            return blocks.repeat_interleave(spec.block_size, dim=k).narrow(k, 0, x.shape[k])
         shape = [1] * x.dim()
         shape[axis] = -1
         return t.reshape(shape)
@@ -177,7 +208,7 @@ class FakeQuantize(nn.Module):
         return torch.clamp(round_ste(x / s) + z, self.spec.qmin, self.spec.qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled or not x.is_floating_point():
+        if not self.enabled or not x.is_floating_point() or self.spec.is_float:
             return x
         scale = self.scale
         if scale.requires_grad and torch.is_grad_enabled():  # LSQ
@@ -190,6 +221,7 @@ class FakeQuantize(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         kind = f"per-channel(axis={s.channel_axis})" if s.channel_axis is not None else "per-tensor"
+        kind += f", blocks of {s.block_size}" if s.block_size is not None else ""
         return f"bits={s.bits}, {'symmetric' if s.symmetric else 'asymmetric'}, {kind}"
 
 

@@ -37,9 +37,7 @@ def _fake_quant(x, scale, zero, spec):
 def weight_qparams(weight: torch.Tensor, spec: QuantSpec, method: str = "mse") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (or per-tensor) scale for a weight: min-max, or the shrink factor of the
     min-max range with the lowest Lp error, chosen per channel."""
-    w = weight.detach().float()
-    rows = w.movedim(spec.channel_axis, 0).reshape(w.shape[spec.channel_axis], -1) if spec.channel_axis is not None \
-        else w.reshape(1, -1)
+    rows = _groups(weight.detach().float(), spec)
     lo, hi = rows.min(dim=1).values, rows.max(dim=1).values
     if method == "minmax":
         return qparams_from_range(lo, hi, spec)
@@ -51,6 +49,22 @@ def weight_qparams(weight: torch.Tensor, spec: QuantSpec, method: str = "mse") -
     step = max(1, SEARCH_CHUNK // max(1, rows.shape[1]))
     found = [_shrink_search(rows[i:i + step], lo[i:i + step], hi[i:i + step], spec) for i in range(0, len(rows), step)]
     return torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
+
+
+def _groups(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The weight as one row per scale, rows in the order of spec.scale_shape (a partial last
+    block padded with zeros, which lie inside every range)."""
+    if spec.channel_axis is None:
+        return w.reshape(1, -1)
+    if spec.block_size is None:
+        return w.movedim(spec.channel_axis, 0).reshape(w.shape[spec.channel_axis], -1)
+    k, size = spec.block_axis, spec.block_size
+    blocks = spec.scale_shape(tuple(w.shape))[k]
+    pad = [0, 0, 0, 0]
+    pad[2 * (1 - k) + 1] = blocks * size - w.shape[k]  # F.pad lists the last axis first
+    padded = torch.nn.functional.pad(w, pad)
+    split = padded.reshape(*padded.shape[:k], blocks, size, *padded.shape[k + 1:])
+    return split.movedim(k + 1, -1).reshape(-1, size)
 
 
 def _shrink_search(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec):
@@ -101,6 +115,8 @@ class RangeObserver:
         self._count += flat.numel()
 
     def qparams(self, spec: QuantSpec, method: str = "mse", percentile: float = 99.99):
+        if spec.is_float:  # nothing to quantize: placeholder parameters
+            return torch.ones(()), torch.zeros(())
         if not self.samples:
             raise ValueError("observer saw no data")
         if method == "minmax":

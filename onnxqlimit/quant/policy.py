@@ -101,6 +101,8 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
     first, graph_last = _first_and_last(graph)
     last = graph_last if last is None else last
 
+    runtime = profile(config.runtime)
+
     def bits_for(node) -> tuple[int, int, bool]:
         wbits, abits, fixed = widths.wbits, widths.abits, False
         for pattern, w, a in widths.overrides:
@@ -108,6 +110,8 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
                 wbits, abits, fixed = w, a, True
         if widths.first_last_bits and (node.name in first or node.name in last):
             wbits, abits, fixed = max(wbits, widths.first_last_bits), max(abits, widths.first_last_bits), True
+        if node.op_type in COMPUTE_OPS:  # the widths this op runs at on the runtime (runtimes.py)
+            wbits, abits = runtime.fit(node.op_type, wbits, abits)
         return wbits, abits, fixed
 
     weights: dict[str, QuantPoint] = {}
@@ -133,7 +137,9 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
             name = data_inputs[weight_index]
             rank = len(inits[name].dims)
             axis = weight_axis(node, weight_index, rank) if scheme.weight_per_channel and rank > 1 else None
-            spec = QuantSpec(wbits, scheme.weight_symmetric, axis)
+            block = scheme.weight_block if node.op_type in ("MatMul", "Gemm") and rank == 2 and axis is not None \
+                else None  # blocks along K: what MatMulNBits reads (convolutions stay per channel)
+            spec = QuantSpec(wbits, scheme.weight_symmetric, axis, block)
             if name in weights:  # shared weight: keep one quantizer, the widest
                 weights[name].consumers.append(node.name)
                 weights[name].fixed |= fixed
@@ -163,8 +169,7 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
             _, abits, fixed = bits_for(node)
             for tensor in inputs:
                 add_act(tensor, abits, fixed, node)
-    fused_bits = profile(config.runtime).fused_bits
-    outputs_added = _fused_form(graph, compute, weights, acts, float_acts, fused_bits, scheme.act_symmetric)
+    outputs_added = _fused_form(graph, compute, weights, acts, float_acts, runtime.fused_bits, scheme.act_symmetric)
     return list(weights.values()) + list(acts.values()) + outputs_added
 
 
@@ -204,8 +209,8 @@ def _fused_form(graph, compute, weights: dict[str, QuantPoint], acts: dict[str, 
     for node in compute:
         inputs = [t for t in node.input[:2] if t]
         points = [weights.get(t) or acts.get(t) for t in inputs]
-        if len(inputs) < 2 or any(p is None or p.spec.bits not in fused_bits for p in points):
-            continue
+        if len(inputs) < 2 or any(p is None or p.spec.bits not in fused_bits or p.spec.block_size for p in points):
+            continue  # (no integer kernel takes block-wise weights with quantized activations)
         tail = _fusion_tail(node, readers, inits, outputs)
         if tail not in acts and tail not in added and tail not in outputs and tail in float_acts:
             bits = max(p.spec.bits for p in points if p.kind == "activation")

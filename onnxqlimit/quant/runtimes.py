@@ -24,11 +24,11 @@ optimized graph of small files (tests/test_runtime.py):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 
 from ..errors import QLimitError
-from .widths import ACT_BITS, WEIGHT_BITS
+from .widths import ACT_BITS, FLOAT_BITS, WEIGHT_BITS
 
 COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -37,8 +37,14 @@ COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 class OpRule:
     """The widths one compute op runs at on a runtime."""
 
-    weight_bits: tuple[int, ...]  # weight widths (activations quantized)
-    act_bits: tuple[int, ...]  # activation widths
+    weight_bits: tuple[int, ...]  # weight widths with quantized activations ...
+    act_bits: tuple[int, ...]  # ... at these widths
+    weight_only_bits: tuple[int, ...] = ()  # weight widths with float activations (MatMulNBits & co.)
+
+    def allows(self, wbits: int, abits: int) -> bool:
+        if abits == FLOAT_BITS:
+            return wbits in self.weight_only_bits
+        return wbits in self.weight_bits and abits in self.act_bits
 
 
 @dataclass(frozen=True)
@@ -48,20 +54,42 @@ class RuntimeProfile:
     act_symmetric: bool | None = None  # forced activation signedness (True: int8, zero point 0); None: the user's
     weight_symmetric: bool | None = None  # forced weight signedness; None: the user's
     weight_per_channel: bool | None = None  # forced weight granularity; None: the user's
+    weight_only_blocks: bool = False  # weight-only layers need block-wise scales (--weight-block)
     fused_bits: tuple[int, ...] = (8,)  # layers whose weights and inputs are all at these widths get
     # output Q/DQ (at their input's width) and int32 biases: the fused form
     ops: Mapping[str, OpRule] | None = None  # per compute op; None: every supported width
 
     def rule(self, op_type: str) -> OpRule:
         if self.ops is None:
-            return OpRule(WEIGHT_BITS, ACT_BITS)
+            return OpRule(WEIGHT_BITS, ACT_BITS[:-1], WEIGHT_BITS)
         return self.ops[op_type]
 
+    def allows(self, wbits: int, abits: int) -> bool:
+        return any(self.rule(op).allows(wbits, abits) for op in COMPUTE)
+
+    def fit(self, op_type: str, wbits: int, abits: int) -> tuple[int, int]:
+        """(wbits, abits) where this op runs them, else the widest weights at the narrowest
+        activations it does run (a Conv asked for weight-only int4 on ort-cpu: W8A8)."""
+        rule = self.rule(op_type)
+        return (wbits, abits) if rule.allows(wbits, abits) else (max(rule.weight_bits), min(rule.act_bits))
+
     def weight_widths(self) -> set[int]:
-        return {b for op in COMPUTE for b in self.rule(op).weight_bits}
+        return {b for op in COMPUTE for r in [self.rule(op)] for b in (*r.weight_bits, *r.weight_only_bits)}
 
     def act_widths(self) -> set[int]:
-        return {b for op in COMPUTE for b in self.rule(op).act_bits}
+        return {b for op in COMPUTE for r in [self.rule(op)] for b in
+                (*r.act_bits, *((FLOAT_BITS,) if r.weight_only_bits else ()))}
+
+    def describe(self) -> str:
+        """What each op runs at, e.g. 'Conv W8A8; MatMul W8A8, weight-only W4/W8'."""
+        parts = []
+        for op in COMPUTE:
+            r = self.rule(op)
+            text = f"{op} W{'/'.join(map(str, r.weight_bits))}A{'/'.join(map(str, r.act_bits))}"
+            if r.weight_only_bits:
+                text += f", weight-only W{'/'.join(map(str, r.weight_only_bits))}"
+            parts.append(text)
+        return "; ".join(parts)
 
 
 _INT8 = OpRule(weight_bits=(8,), act_bits=(8,))
@@ -69,12 +97,16 @@ _QNN = OpRule(weight_bits=(4, 8), act_bits=(8, 16))
 
 PROFILES: dict[str, RuntimeProfile] = {p.name: p for p in (
     RuntimeProfile("generic", "every width; 8-bit layers in the form onnxruntime fuses"),
-    RuntimeProfile("ort-cpu", "onnxruntime CPU: W8A8 in integer kernels (uint8 activations, int8 per-channel weights)",
+    RuntimeProfile("ort-cpu", "onnxruntime CPU: W8A8 in integer kernels (uint8 activations, int8 per-channel "
+                   "weights), MatMul/Gemm also weight-only int4/int8 (MatMulNBits)",
                    act_symmetric=False, weight_symmetric=True, weight_per_channel=True,
-                   ops={op: _INT8 for op in COMPUTE}),
-    RuntimeProfile("tensorrt", "TensorRT explicit quantization: int8, zero point 0 everywhere",
-                   act_symmetric=True, weight_symmetric=True, weight_per_channel=True,
-                   ops={op: _INT8 for op in COMPUTE}),
+                   ops={"Conv": _INT8, "ConvTranspose": _INT8, "Gemm": OpRule((8,), (8,), (4, 8)),
+                        "MatMul": OpRule((8,), (8,), (4, 8))}),
+    RuntimeProfile("tensorrt", "TensorRT explicit quantization: int8, zero point 0 everywhere; MatMul/Gemm also "
+                   "weight-only int4, block-wise",
+                   act_symmetric=True, weight_symmetric=True, weight_per_channel=True, weight_only_blocks=True,
+                   ops={"Conv": _INT8, "ConvTranspose": _INT8, "Gemm": OpRule((8,), (8,), (4,)),
+                        "MatMul": OpRule((8,), (8,), (4,))}),
     RuntimeProfile("qnn", "Qualcomm QNN HTP: uint8/uint16 activations, symmetric int8/int4 per-channel weights",
                    act_symmetric=False, weight_symmetric=True, weight_per_channel=True, fused_bits=(4, 8, 16),
                    ops={op: _QNN for op in COMPUTE}),
@@ -86,6 +118,18 @@ def profile(name: str) -> RuntimeProfile:
     if name not in PROFILES:
         raise QLimitError(f"--runtime must be one of {', '.join(RUNTIMES)} (got {name!r})")
     return PROFILES[name]
+
+
+def check_pairs(runtime: RuntimeProfile, pairs: Iterable[tuple[int, int, str]], weight_block: int | None) -> None:
+    """Refuse, in one line naming the profile, a (wbits, abits) pair (from the flag named) that
+    no op of the runtime runs."""
+    for wbits, abits, flag in pairs:
+        if not runtime.allows(wbits, abits):
+            pair = f"W{wbits}A{'float' if abits == FLOAT_BITS else abits}"
+            raise QLimitError(f"{flag}: runtime profile '{runtime.name}' cannot run {pair} ({runtime.describe()})")
+        if abits == FLOAT_BITS and runtime.weight_only_blocks and weight_block is None:
+            raise QLimitError(f"{flag}: runtime profile '{runtime.name}' runs weight-only layers block-wise only: "
+                              "add --weight-block 32, 64 or 128")
 
 
 def check_widths(runtime: RuntimeProfile, kind: str, widths: Iterable[int], flag: str) -> None:

@@ -14,7 +14,9 @@ from onnx import helper
 from ..errors import QLimitError
 
 WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
-ACT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+FLOAT_BITS = 32  # an activation "width" meaning: left float, no Q/DQ (weight-only layers)
+ACT_BITS = (2, 3, 4, 5, 6, 7, 8, 16, FLOAT_BITS)
+WEIGHT_BLOCKS = (16, 32, 64, 128, 256)  # block sizes along K for MatMul/Gemm weights (DequantizeLinear block_size)
 SUPPORTED_BITS = {"weight": WEIGHT_BITS, "activation": ACT_BITS}
 # The widths a mixed-precision search chooses from unless told otherwise.
 DEFAULT_WBITS_CHOICES = (2, 3, 4, 8)
@@ -35,7 +37,7 @@ def check_bits(kind: str, bits: int, what: str | None = None) -> int:
     allowed = SUPPORTED_BITS[kind]
     if not isinstance(bits, int) or isinstance(bits, bool) or bits not in allowed:
         label = what or ("wbits" if kind == "weight" else "abits")
-        extra = " (activations also 16)" if kind == "activation" else ""
+        extra = " (activations also 16, or 32: float)" if kind == "activation" else ""
         raise QLimitError(f"{label} must be {allowed[0]}..{max(b for b in allowed if b <= 8)}{extra}, got {bits!r}")
     return bits
 
@@ -49,9 +51,10 @@ def container_dtype(bits: int, signed: bool):
     return CONTAINERS[(container_bits(bits), signed)][0]
 
 
-def required_opset(bits: set[int]) -> int:
-    """The lowest opset whose Q/DQ types hold every bit width used (13 at least: `axis`)."""
-    return max([13] + [CONTAINERS[(container_bits(b), True)][1] for b in bits])
+def required_opset(bits: set[int], blocks: bool = False) -> int:
+    """The lowest opset whose Q/DQ types hold every bit width used (13 at least: `axis`; 21
+    for block-wise scales)."""
+    return max([21 if blocks else 13] + [CONTAINERS[(container_bits(b), True)][1] for b in bits if b != FLOAT_BITS])
 
 
 def stored_bytes(tensor: onnx.TensorProto) -> int:
