@@ -213,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-symmetric", action="store_true", help="signed activations, zero point 0")
     q.add_argument("--quantize-add", action="store_true", help="also quantize residual Add inputs")
     q.add_argument("--quantize-concat", action="store_true", help="also quantize Concat inputs")
-    q.add_argument("--quantize-attention", action="store_true", help="also quantize MatMuls of two activations")
+    q.add_argument("--quantize-attention", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize MatMuls of two activations at any width (--no-quantize-attention: keep them float; "
+                   "default: only where the runtime fuses them, at 8 bits)")
     q.add_argument("--no-simplify", action="store_true", help="skip onnxsim simplification")
     q.add_argument("--resume", action="store_true",
                    help="restore the blocks that an interrupted run of the same model, data and options saved "

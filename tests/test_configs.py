@@ -43,6 +43,7 @@ FLAGS = [
     (["--quantize-add"], {"config.placement.quantize_add": True}),
     (["--quantize-concat"], {"config.placement.quantize_concat": True}),
     (["--quantize-attention"], {"config.placement.quantize_act_matmul": True}),
+    (["--no-quantize-attention"], {"config.placement.quantize_act_matmul": False}),
     (["--exclude", "a", "--exclude", "b.*"], {"config.placement.exclude": ("a", "b.*")}),
     (["--smooth", "0.5"], {"config.smooth": 0.5}),
     (["--method", "brecq"], {"recon.method": "brecq"}),

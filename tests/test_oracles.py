@@ -276,27 +276,28 @@ def qdq_positions(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
     return acts, weights
 
 
-# The activation inputs of the three Gemms, and b: the output of g2, a W8A8 layer that
+# The activation inputs of the three Gemms; b, the output of g2, a W8A8 layer that
 # onnxruntime fuses only with a Q after it (g1's output reaches r's Q through its Relu; y
-# leaves the graph). A quantized attention MatMul gets one on m too.
-DEFAULT_ACTS = {"x", "r", "fl", "b"}
+# leaves the graph); and, the attention MatMul being at 8 bits (where onnxruntime runs it
+# as QLinearMatMul), its inputs q, qt and its output m.
+DEFAULT_ACTS = {"x", "r", "fl", "b", "q", "qt", "m"}
 
 
-@pytest.mark.parametrize("flags,added", [
-    ({}, set()),
-    ({"quantize_add": True}, set()),  # the residual's inputs b and r are quantized already
-    ({"quantize_concat": True}, {"t"}),  # t and r
-    ({"quantize_act_matmul": True}, {"q", "qt", "m"}),
-    ({"quantize_add": True, "quantize_concat": True, "quantize_act_matmul": True}, {"t", "q", "qt", "m"}),
-], ids=["default", "add", "concat", "attention", "all"])
-def test_placement_flags_put_qdq_where_expected(tmp_path, flags, added):
+@pytest.mark.parametrize("flags,expected", [
+    ({}, DEFAULT_ACTS),
+    ({"quantize_add": True}, DEFAULT_ACTS),  # the residual's inputs b and r are quantized already
+    ({"quantize_concat": True}, DEFAULT_ACTS | {"t"}),  # t and r
+    ({"quantize_act_matmul": False}, DEFAULT_ACTS - {"q", "qt", "m"}),
+    ({"quantize_add": True, "quantize_concat": True, "quantize_act_matmul": True}, DEFAULT_ACTS | {"t"}),
+], ids=["default", "add", "concat", "float-attention", "all"])
+def test_placement_flags_put_qdq_where_expected(tmp_path, flags, expected):
     out = tmp_path / "q.onnx"
     rng = np.random.default_rng(0)
     quantize(placement_proto(), out, {"x": rng.standard_normal((16, 8)).astype(np.float32)},
              qconfig(wbits=8, abits=8, **flags), options())
     model = onnx.load(str(out))
     acts, weights = qdq_positions(model)
-    assert acts == DEFAULT_ACTS | added
+    assert acts == expected
     assert weights == {"w1", "w2", "w3"}
     # and the readers take the dequantized tensors: every input of a quantized node that was
     # expected to be quantized now comes out of a DequantizeLinear
@@ -316,7 +317,8 @@ def test_attention_matmul_counts_its_second_input_as_the_weight(tmp_path):
     rng = np.random.default_rng(0)
     calib = {"x": rng.standard_normal((16, 8)).astype(np.float32)}
     gemms = (64 + 64 + 80) * 8 * 8
-    off = quantize(placement_proto(), tmp_path / "off.onnx", calib, qconfig(), options()).report.costs
+    off = quantize(placement_proto(), tmp_path / "off.onnx", calib, qconfig(quantize_act_matmul=False),
+                   options()).report.costs
     assert off["bitops"] == gemms + 64 * 32 * 32
     on = quantize(placement_proto(), tmp_path / "on.onnx", calib, qconfig(quantize_act_matmul=True, abits=4),
                   options()).report.costs

@@ -83,7 +83,9 @@ class Scheme:
 class Placement:
     quantize_add: bool = False  # inputs of Adds of two activations (residual joins)
     quantize_concat: bool = False
-    quantize_act_matmul: bool = False  # MatMul of two activations (attention scores/context)
+    # MatMul of two activations (attention scores/context); None: where the runtime fuses it
+    # (both inputs at its fused width, W8A8 on onnxruntime), float below that
+    quantize_act_matmul: bool | None = None
     exclude: tuple[str, ...] = ()  # node names or regexes (full match) left float
 
     def __post_init__(self):

@@ -1,8 +1,10 @@
 """Where quantizers stand: the placement policy, in one place.
 
 Default (docs/quantization.md): the constant weight of every Conv, ConvTranspose, Gemm
-and MatMul, and the activation inputs of those ops. Flags add residual-Add inputs,
-Concat inputs and activation-by-activation MatMuls (attention). Everything else
+and MatMul, and the activation inputs of those ops - of activation-by-activation MatMuls
+(attention) only at the width the runtime fuses (8 bits). Flags add residual-Add inputs,
+Concat inputs and attention at any width (or keep it float). The runtime's fused form
+(runtimes.py) adds output Q/DQ pairs and int32 biases to 8-bit layers. Everything else
 (LayerNorm, Softmax, Resize, shape ops, graph outputs) stays float. The first and last
 compute layers keep 8-bit weights and inputs unless told otherwise, as in the paper.
 Tables read by Gather (token and position embeddings) are quantized weight-only, per row,
@@ -148,8 +150,10 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
             else:
                 weights[name] = QuantPoint(name, "weight", spec, [node.name], fixed)
         activation_inputs = [t for i, t in enumerate(data_inputs) if i != weight_index and t]
-        if node.op_type == "MatMul" and weight_index is None and not placement.quantize_act_matmul:
-            continue  # activation x activation (attention) stays float unless asked for
+        if node.op_type == "MatMul" and weight_index is None:  # activation x activation (attention)
+            wanted = placement.quantize_act_matmul
+            if not (wanted or (wanted is None and abits in runtime.fused_bits)):
+                continue  # float unless asked for, or where the runtime runs it in an integer kernel
         for tensor in activation_inputs:
             add_act(tensor, abits, fixed, node)
 
