@@ -74,9 +74,10 @@ def compute_kernels(path: str | Path | bytes, threads: int = 0) -> tuple[Counter
     return kinds, floats
 
 
-def interleaved_ms(models: list[str | Path | bytes], feeds: Mapping[str, np.ndarray], threads: int = 0) -> list[float]:
+def interleaved_ms(models: list[str | Path | bytes], feeds: Mapping[str, np.ndarray], threads: int = 0,
+                   budget_s: float = TIME_BUDGET_S) -> list[float]:
     """Median ms per run of each model (a path or serialized bytes), run in turns so that a
-    busy moment slows them alike."""
+    busy moment slows them alike, for `budget_s` after warm-up (at least 5 turns)."""
     sessions = [cpu_session(m, threads) for m in models]
     inputs = [{i.name: feeds[i.name] for i in s.get_inputs()} for s in sessions]
     for session, given in zip(sessions, inputs):  # warm-up: first runs allocate and pick kernels
@@ -84,7 +85,8 @@ def interleaved_ms(models: list[str | Path | bytes], feeds: Mapping[str, np.ndar
             session.run(None, given)
     times: list[list[float]] = [[] for _ in sessions]
     started = time.perf_counter()
-    while len(times[0]) < MAX_REPEATS and (len(times[0]) < 5 or time.perf_counter() - started < TIME_BUDGET_S):
+    repeats = max(MAX_REPEATS, int(MAX_REPEATS * budget_s / TIME_BUDGET_S))
+    while len(times[0]) < repeats and (len(times[0]) < 5 or time.perf_counter() - started < budget_s):
         for session, given, log in zip(sessions, inputs, times):
             t0 = time.perf_counter()
             session.run(None, given)

@@ -232,7 +232,7 @@ def main(argv=None) -> int:
             for emb_bits in args.embedding_bits:
                 out = work / f"{bits}_{args.method}_e{emb_bits}.onnx"
                 config = QuantConfig.of(wbits=wbits, abits=abits, embedding_bits=emb_bits or None,
-                                        quantize_act_matmul=args.quantize_attention, quantize_add=args.quantize_add,
+                                        quantize_act_matmul=args.quantize_attention or None, quantize_add=args.quantize_add,
                                         smooth=args.smooth)
                 started = time.perf_counter()
                 recon = ReconConfig.preset("fast", method=args.method, iters=args.iters, calib_size=args.calib_size,
