@@ -67,13 +67,18 @@ class Calibration:
 
 
 def calibrate(mirror: Mirror, points: list[QuantPoint], quantizers: Mapping[str, FakeQuantize],
-              batches: Iterable[Mapping[str, np.ndarray]], scheme: Scheme, progress: bool = True) -> Calibration:
+              batches: Iterable[Mapping[str, np.ndarray]], scheme: Scheme, progress: bool = True,
+              previous: Calibration | None = None) -> Calibration:
     """Weight scales at the points' widths, then activation ranges observed on the model with
     those weights quantized (as BRECQ / QDrop initialise them): call again after a bit plan
-    changes weight widths, so the activation ranges follow."""
+    changes weight widths, so the activation ranges follow (`previous`: its weight scales are
+    reused, they depend on the weights alone)."""
     acts = [p for p in points if p.kind == "activation"]
     observers = {p.tensor: RangeObserver(seed=i) for i, p in enumerate(acts)}
     calibration = Calibration(mirror, observers, scheme)
+    if previous is not None:
+        weights = {p.tensor for p in points if p.kind == "weight"}
+        calibration._memo.update({k: v for k, v in previous._memo.items() if k[0] in weights})
     weights = [p for p in points if p.kind == "weight"]  # the range search takes minutes on a model of GBs
     for point in progress_bar(progress, weights, desc="weight ranges", unit="weight", leave=False):
         quantizers[point.tensor].set_qparams(*calibration.qparams(point, point.spec.bits))

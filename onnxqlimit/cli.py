@@ -147,9 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--eval", dest="eval_data", metavar="DATA.npz",
                    help="data for --target-metric: model inputs and optionally 'labels' (default: the calibration data)")
     m.add_argument("--wbits-choices", type=_widths_arg, default=DEFAULT_WBITS_CHOICES, metavar="W,W,...",
-                   help=f"weight widths to choose from (default {_widths(DEFAULT_WBITS_CHOICES)})")
+                   help=f"weight widths to choose from; 32: a float layer (default {_widths(DEFAULT_WBITS_CHOICES)}; "
+                   "with --runtime ort-cpu/tensorrt 4,8,32, qnn 4,8)")
     m.add_argument("--abits-choices", type=_widths_arg, default=DEFAULT_ABITS_CHOICES, metavar="A,A,...",
-                   help=f"activation widths to choose from (default {_widths(DEFAULT_ABITS_CHOICES)})")
+                   help=f"activation widths to choose from; 32: weight-only (default {_widths(DEFAULT_ABITS_CHOICES)}; "
+                   "with --runtime ort-cpu/tensorrt 8,32, qnn 8,16)")
     m.add_argument("--solver", default="milp", choices=SOLVERS,
                    help="milp (exact, default) | ga (the paper's genetic algorithm)")
     m.add_argument("--ga-population", type=_positive, default=64)

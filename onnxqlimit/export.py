@@ -23,6 +23,8 @@ from .qdq import (
     insert_bias,
     insert_gathered_table,
     insert_weight,
+    reads_transposed,
+    untranspose,
 )
 from .quant.fake_quant import BiasQuantize
 from .state import QuantState
@@ -33,16 +35,14 @@ def _consumers_of(graph: onnx.GraphProto, name: str):
 
 
 def _weight_only_gemm(readers, point, quantizers) -> bool:
-    """Whether a weight is read only as B of Gemms with transB=1 and float activations, which
-    onnxruntime fuses into MatMulNBits only untransposed: the weight is then stored transposed
-    and the Gemms read it with transB=0 (exactly the same product). Flips the attribute."""
-    gemms = [node for node, index in readers if node.op_type == "Gemm" and index == 1
-             and next((a.i for a in node.attribute if a.name == "transB"), 0) == 1
+    """Whether a weight is read only as B of transB=1 Gemms with float activations (see
+    qdq.reads_transposed); if so their transB is cleared, and the weight is stored transposed."""
+    gemms = [node for node, index in readers if index == 1 and reads_transposed(node)
              and (node.input[0] not in quantizers or quantizers[node.input[0]].spec.is_float)]
     if not gemms or len(gemms) != len(readers) or point.spec.channel_axis is None:
         return False
     for node in gemms:
-        next(a for a in node.attribute if a.name == "transB").i = 0
+        untranspose(node)
     return True
 
 

@@ -19,6 +19,8 @@ from .quant.widths import container_bits, container_dtype
 
 def needs_clip(spec: QuantSpec) -> bool:
     """Activations get a Max/Min clip where the container is wider than the width (see below)."""
+    if spec.is_float:
+        return False
     return spec.bits < container_bits(spec.bits) or container_bits(spec.bits) < 8
 
 
@@ -29,8 +31,10 @@ def needs_fusion_guard(spec: QuantSpec) -> bool:
 def weight_storage_bytes(spec: QuantSpec, shape: tuple[int, ...]) -> int:
     """What insert_weight stores for a weight: packed integers, float32 scales, zero points
     (and, for int2, the fusion guard's shape)."""
-    container = container_bits(spec.bits)
     numel = int(np.prod(shape))
+    if spec.is_float:  # a layer left float keeps its float32 initializer
+        return 4 * numel
+    container = container_bits(spec.bits)
     channels = int(np.prod(spec.scale_shape(tuple(shape))))  # scales (and zero points)
     guard = 8 * len(shape) if needs_fusion_guard(spec) else 0
     return -(-numel * container // 8) + 4 * channels + -(-channels * container // 8) + guard
@@ -57,6 +61,17 @@ def _qparam_arrays(quantizer: FakeQuantize, per_channel: bool, shape: tuple[int,
     elif shape is not None:
         scale, zero = scale.reshape(quantizer.spec.scale_shape(shape)), zero.reshape(quantizer.spec.scale_shape(shape))
     return scale.astype(np.float32), zero.astype(container_dtype(quantizer.spec.bits, quantizer.spec.symmetric))
+
+
+def reads_transposed(node) -> bool:
+    """A Gemm reading its weight transposed (transB=1). onnxruntime fuses a weight-only Gemm
+    into MatMulNBits only untransposed, so the exporter then stores the weight transposed
+    (insert_weight's `transpose`) and clears transB (untranspose): the same product."""
+    return node.op_type == "Gemm" and next((a.i for a in node.attribute if a.name == "transB"), 0) == 1
+
+
+def untranspose(node) -> None:
+    next(a for a in node.attribute if a.name == "transB").i = 0
 
 
 def insert_weight(graph, point: QuantPoint, quantizer: FakeQuantize, weight, store=None,

@@ -79,9 +79,9 @@ MACS_MATMUL = 6 * 10  # 60
 PARAMS = {"w1": 4 * 3 * 3 * 3, "w2": 4 * 1 * 3 * 3, "w3": 10 * 64, "w4": 10 * 6}  # 108, 36, 640, 60
 BIAS_BYTES = 4 * 4 + 10 * 4  # b1 and b3: float32, or int32 of the same size
 # Placed at W8A8 (the fused form, runtimes.py): b1 and b3 become int32 with one float32 scale
-# per output channel, and the outputs of dw (c2, read by Flatten) and gemm (g, read by the
-# join Add) get 8-bit Q/DQ pairs; conv1's output reaches r1's Q through its Relu, y leaves.
-FUSED_BYTES = 4 * 4 + 10 * 4 + 2 * (4 + 1)
+# per output channel, and the output of dw (c2, read by Flatten) gets an 8-bit Q/DQ pair;
+# conv1's output reaches r1's Q through its Relu; the Gemm and MatMul need none.
+FUSED_BYTES = 4 * 4 + 10 * 4 + (4 + 1)
 
 
 def container(bits: int) -> int:
@@ -205,7 +205,7 @@ def test_a_searched_plan_costs_what_the_hand_formula_says(tmp_path, target):
     report = quantize(cost_model_proto(), out, cost_model_calib(), qconfig(first_last_bits=None),
                       options(mixed=mixed, work_dir=str(tmp_path / "work"))).report
     plan = cost_oracle.recorded_plan(onnx.load(str(out)))
-    plan = {t: b for t, b in plan.items() if t not in ("c2", "g")}  # the fused form's outputs (fixed at 8)
+    plan = {t: b for t, b in plan.items() if t != "c2"}  # the fused form's output (fixed at 8)
     expected = hand_costs(plan, fused=True)
     assert report.costs["size_bytes"] == expected["size_bytes"]
     assert report.costs["bitops"] == expected["bitops"]
@@ -276,19 +276,20 @@ def qdq_positions(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
     return acts, weights
 
 
-# The activation inputs of the three Gemms; b, the output of g2, a W8A8 layer that
-# onnxruntime fuses only with a Q after it (g1's output reaches r's Q through its Relu; y
-# leaves the graph); and, the attention MatMul being at 8 bits (where onnxruntime runs it
-# as QLinearMatMul), its inputs q, qt and its output m.
-DEFAULT_ACTS = {"x", "r", "fl", "b", "q", "qt", "m"}
+# The activation inputs of the three Gemms and, the attention MatMul being at 8 bits (where
+# onnxruntime runs it in an integer kernel), its inputs q and qt. No output pairs: onnxruntime
+# runs a Gemm without bias (or with an int32 one) as QGemm and a MatMul as
+# MatMulIntegerToFloat, float outputs and all. A flag-quantized join whose inputs are all
+# 8-bit gets an output pair too (QLinearAdd: s; QLinearConcat: c).
+DEFAULT_ACTS = {"x", "r", "fl", "q", "qt"}
 
 
 @pytest.mark.parametrize("flags,expected", [
     ({}, DEFAULT_ACTS),
-    ({"quantize_add": True}, DEFAULT_ACTS),  # the residual's inputs b and r are quantized already
-    ({"quantize_concat": True}, DEFAULT_ACTS | {"t"}),  # t and r
-    ({"quantize_act_matmul": False}, DEFAULT_ACTS - {"q", "qt", "m"}),
-    ({"quantize_add": True, "quantize_concat": True, "quantize_act_matmul": True}, DEFAULT_ACTS | {"t"}),
+    ({"quantize_add": True}, DEFAULT_ACTS | {"b", "s"}),  # the residual's other input b (r is quantized for g2)
+    ({"quantize_concat": True}, DEFAULT_ACTS | {"t", "c"}),  # t and r
+    ({"quantize_act_matmul": False}, DEFAULT_ACTS - {"q", "qt"}),
+    ({"quantize_add": True, "quantize_concat": True, "quantize_act_matmul": True}, DEFAULT_ACTS | {"b", "s", "t", "c"}),
 ], ids=["default", "add", "concat", "float-attention", "all"])
 def test_placement_flags_put_qdq_where_expected(tmp_path, flags, expected):
     out = tmp_path / "q.onnx"
@@ -343,7 +344,7 @@ def test_cli_scheme_and_placement_flags_reach_the_file(tmp_path, capsys, act_ini
                  "--weight-init", "minmax", "--act-init", act_init, "--percentile", "95"]) == 0, capsys.readouterr().err
     written = onnx.load(str(out))
     acts, weights = qdq_positions(written)
-    assert acts == DEFAULT_ACTS | {"t", "q", "qt", "m"} and weights == {"w1", "w2", "w3"}
+    assert acts == DEFAULT_ACTS | {"b", "s", "t", "c"} and weights == {"w1", "w2", "w3"}
     for name in weights:
         ints, scale, zero, axis = _weights_in_file(written, name)
         assert ints.data_type == TensorProto.UINT8 and axis is None and scale.shape == zero.shape == ()

@@ -172,3 +172,37 @@ def _options(disable: bool = False, level: int | None = None) -> ort.SessionOpti
     if level is not None:
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
     return options
+
+
+def test_an_ort_cpu_latency_search_picks_weight_only_w8a8_or_float_per_layer(encoder, tmp_path):
+    """--runtime ort-cpu --target-latency: the search's widths are the profile's (weights 4, 8 or
+    float, activations 8 or float) and every layer of the plan is one onnxruntime runs as it
+    should: W8A8 in an integer kernel, weight-only int4/int8 as MatMulNBits, or float."""
+    from onnxqlimit.errors import QLimitError
+    from onnxqlimit.mixed.config import MixedConfig, SensitivityConfig, Targets
+    from onnxqlimit.quant.runtimes import PROFILES
+    from onnxqlimit.runtime import check_runtime
+
+    calib = token_feeds(np.random.default_rng(1), 16, 12)
+
+    def run(latency_ms: float):
+        options = RunOptions(recon=ReconConfig(method="rtn", calib_size=16, batch_size=8), parity_samples=4,
+                             progress=False, device="cpu", work_dir=str(tmp_path / "work"),
+                             mixed=MixedConfig(Targets(latency_ms=latency_ms), SensitivityConfig(samples=8)))
+        return quantize(encoder, tmp_path / "q.onnx", calib, QuantConfig.of(runtime="ort-cpu"), options).report
+
+    with pytest.raises(QLimitError, match="smallest reachable") as refused:
+        run(1e-4)
+    fastest = float(str(refused.value).split("smallest reachable is ")[1].split(" ms")[0])
+    report = run(1.05 * fastest)
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    ops = {n.name: n.op_type for n in model.graph.node}
+    # (an attention MatMul has two activation inputs, shown as its abits: the second plays the weight)
+    plan = {node: (e.get("wbits", e.get("abits")), e.get("abits", 32)) for node, e in report.plan.items()
+            if ops.get(node) in ("MatMul", "Gemm")}
+    ort_cpu = PROFILES["ort-cpu"]
+    assert plan and all(ort_cpu.runs(ops[n], w, a) for n, (w, a) in plan.items()), plan
+    assert {a for _, a in plan.values()} >= {32}  # the fastest plans here leave some activations float
+    check = check_runtime(tmp_path / "q.onnx", token_feeds(np.random.default_rng(2), 1, 12))
+    quantized = sum(w != 32 for w, _ in plan.values())
+    assert check.integer == quantized, (check.kernels, plan)

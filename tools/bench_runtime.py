@@ -80,7 +80,8 @@ def _int_share(path: Path, threads: int) -> str:
     return f"{integer}/{sum(kinds.values())}"
 
 
-def bench(name: str, work: Path, threads: int, seconds: float, method: str, table: Table) -> None:
+def bench(name: str, work: Path, threads: int, seconds: float, method: str, table: Table,
+          only: str | None = None) -> None:
     model = real_minilm(work) if name == "minilm-real" else load(name, work)
     calib = model.calibration()
     files: list[tuple[str, Path, float]] = [("float", model.path, 0.0)]
@@ -88,7 +89,7 @@ def bench(name: str, work: Path, threads: int, seconds: float, method: str, tabl
     out = quantize_with_ort(model.path, calib, work / f"{name}_ort_w8a8.onnx")
     files.append(("onnxruntime quantize_static W8A8", out, time.perf_counter() - started))
     encoder = name in ENCODERS
-    for algorithm in ("rtn", "gptq") if encoder else ():
+    for algorithm in ("rtn", "gptq") if encoder and only is None else ():
         for block in (32, 128):
             started = time.perf_counter()
             out = ort_nbits(model.path, work / f"{name}_ort_{algorithm}{block}.onnx", algorithm, block, calib)
@@ -96,6 +97,8 @@ def bench(name: str, work: Path, threads: int, seconds: float, method: str, tabl
                           time.perf_counter() - started))
     recon = ReconConfig.preset("fast", method=method, calib_size=len(next(iter(calib.values()))))
     for label, settings in ENCODER_VARIANTS if encoder else CNN_VARIANTS:
+        if only is not None and only not in label:
+            continue
         out = work / f"{name}_{label.replace(' ', '_').replace(',', '')}.onnx"
         started = time.perf_counter()
         quantize(model.path, out, calib, QuantConfig.of(**settings), RunOptions(recon=recon, progress=False))
@@ -118,6 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=4.0, help="timing budget per file")
     parser.add_argument("--method", default="rtn", help="onnxqlimit's method for its files (default rtn)")
+    parser.add_argument("--only", help="only onnxqlimit's files whose label holds this (e.g. 'generic')")
     parser.add_argument("--json", help="write the table as a docs/results record here")
     args = parser.parse_args(argv)
     table = Table(["model", "file", "metric", "size vs float", "ms", "vs float", "int", "quantize s"], args.json,
@@ -129,7 +133,7 @@ def main(argv=None) -> int:
     table.header()
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            bench(name, Path(tmp), args.threads, args.seconds, args.method, table)
+            bench(name, Path(tmp), args.threads, args.seconds, args.method, table, args.only)
     return 0
 
 

@@ -28,10 +28,8 @@ from ..qdq import activation_storage_bytes, bias_storage_bytes, weight_storage_b
 from ..quant.bits import BitPlan
 from ..quant.fake_quant import FakeQuantize, quantizers_disabled
 from ..quant.policy import COMPUTE_OPS, QuantPoint
-from ..quant.widths import container_bits, stored_bytes
+from ..quant.widths import FLOAT_BITS, container_bits, stored_bytes
 from ..weights import array as tensor_array
-
-FLOAT_BITS = 32
 
 
 @dataclass
@@ -84,7 +82,7 @@ class CostModel:
         if not entries:
             return 0.0
         w, a = self.node_widths(node, bits)
-        if w == FLOAT_BITS or a == FLOAT_BITS:
+        if w == FLOAT_BITS:  # (a float activation with an integer weight is a weight-only entry)
             return entries[FLOAT]
         key = pair_key(w, a)
         if key in entries:
@@ -149,7 +147,7 @@ def file_costs(model: onnx.ModelProto, cost_model: CostModel, plan: BitPlan) -> 
     if recorded != dict(plan.bits):
         raise ValueError("the exported file's recorded bit plan differs from the plan")
     for tensor, point in cost_model.points.items():
-        if point.kind != "weight":
+        if point.kind != "weight" or plan.bits[tensor] == FLOAT_BITS:
             continue
         ints = tensor_array(inits[f"{tensor}_quantized"])  # int8/uint8 as stored (mapped, for a big model)
         if ints.dtype.kind not in "iu":  # ml_dtypes' int4/int2 as a numpy integer type

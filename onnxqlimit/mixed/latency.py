@@ -18,6 +18,7 @@ the search compares pairs of one node, where that overhead cancels out.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Sequence
 
@@ -31,7 +32,7 @@ from ..errors import QLimitError
 from ..graph import topological_sort
 from ..load import default_opset
 from ..mirror import Mirror
-from ..qdq import insert_activation, insert_weight
+from ..qdq import insert_activation, insert_weight, reads_transposed, untranspose
 from ..quant.fake_quant import FakeQuantize, QuantSpec
 from ..quant.observers import qparams_from_range, weight_qparams
 from ..quant.policy import (
@@ -41,7 +42,7 @@ from ..quant.policy import (
     weight_axis,
     weight_input,
 )
-from ..quant.widths import check_bits, required_opset
+from ..quant.widths import FLOAT_BITS, check_bits, required_opset
 from ..runtime import cpu_session
 from ..weights import array as tensor_array
 
@@ -98,18 +99,28 @@ def _activation_quantizer(values: np.ndarray, bits: int) -> FakeQuantize:
     return quantizer
 
 
-def _quantize_weight(graph: onnx.GraphProto, node: onnx.NodeProto, index: int, init: onnx.TensorProto, bits: int) -> str:
+def _quantize_weight(graph: onnx.GraphProto, node: onnx.NodeProto, index: int, init: onnx.TensorProto, bits: int,
+                     block: int | None, weight_only: bool) -> str:
+    """The node's weight as the exporter writes it: per channel (block-wise where the run's
+    scheme says so), and for a weight-only Gemm with transB=1 transposed (export.py)."""
     weight = torch.from_numpy(np.array(tensor_array(init), np.float32))
     axis = weight_axis(node, index, weight.dim()) if weight.dim() > 1 else None
-    spec = QuantSpec(bits, symmetric=True, channel_axis=axis)
-    quantizer = FakeQuantize(spec, weight.shape[axis] if axis is not None else 1)
+    block = block if node.op_type in ("MatMul", "Gemm") and weight.dim() == 2 and axis is not None else None
+    spec = QuantSpec(bits, symmetric=True, channel_axis=axis, block_size=block)
+    quantizer = FakeQuantize(spec, math.prod(spec.scale_shape(tuple(weight.shape))))
     quantizer.set_qparams(*weight_qparams(weight, spec, "minmax"))
-    return insert_weight(graph, QuantPoint(init.name, "weight", spec, [node.name]), quantizer, weight)
+    transpose = weight_only and axis is not None and reads_transposed(node)
+    if transpose:
+        untranspose(node)
+    return insert_weight(graph, QuantPoint(init.name, "weight", spec, [node.name]), quantizer, weight,
+                         transpose=transpose)
+
 
 
 def single_node_model(model: onnx.ModelProto, node_name: str, inputs: dict[str, np.ndarray],
-                      pair: tuple[int, int] | None) -> onnx.ModelProto:
-    """`node_name` alone as a model: float (`pair` None) or QDQ at (wbits, abits) as exported.
+                      pair: tuple[int, int] | None, block: int | None = None) -> onnx.ModelProto:
+    """`node_name` alone as a model: float (`pair` None) or QDQ at (wbits, abits) as exported
+    (abits FLOAT_BITS: weight-only, no activation or output Q/DQ; `block`: --weight-block).
 
     `inputs` holds the real value of every activation input (graph inputs of the result);
     the node's output may be in it too (its range sets the output Q/DQ), else it is computed
@@ -133,7 +144,7 @@ def single_node_model(model: onnx.ModelProto, node_name: str, inputs: dict[str, 
     opset = default_opset(model)
     if pair is not None:
         wbits, abits = check_bits("weight", pair[0]), check_bits("activation", pair[1])
-        opset = max(opset, required_opset({wbits, abits}))
+        opset = max(opset, required_opset({wbits, abits}, block is not None))
     opsets = [helper.make_opsetid("", opset)]
     result = helper.make_model(graph, opset_imports=opsets,
                                ir_version=max(model.ir_version, helper.find_min_ir_version_for(opsets)))
@@ -144,16 +155,19 @@ def single_node_model(model: onnx.ModelProto, node_name: str, inputs: dict[str, 
     graph = result.graph
     renamed: dict[str, str] = {}
     windex = weight_input(node, float_initializers(model.graph))
+    weight_only = abits == FLOAT_BITS
+    compute = graph.node[0]
     if windex is not None:
-        renamed[node.input[windex]] = _quantize_weight(graph, node, windex, inits[node.input[windex]], wbits)
-    for t in dict.fromkeys(node.input[:2]):  # as the policy: a Gemm's C / a Conv's bias stays float
+        renamed[node.input[windex]] = _quantize_weight(graph, compute, windex, inits[node.input[windex]], wbits, block,
+                                                       weight_only)
+    for t in dict.fromkeys(node.input[:2]) if not weight_only else ():  # a Gemm's C / a Conv's bias stays float
         if t in acts and np.asarray(inputs[t]).dtype.kind == "f":
             point = QuantPoint(t, "activation", QuantSpec(abits, False), [node.name])
             renamed[t] = insert_activation(graph, point, _activation_quantizer(inputs[t], abits))
-    out_point = QuantPoint(out, "activation", QuantSpec(abits, False), [])
     graph.output[0].CopyFrom(_output_info(model, out, np.asarray(inputs[out], np.float32)))
-    graph.output[0].name = insert_activation(graph, out_point, _activation_quantizer(inputs[out], abits))
-    compute = graph.node[0]
+    if not weight_only:
+        out_point = QuantPoint(out, "activation", QuantSpec(abits, False), [])
+        graph.output[0].name = insert_activation(graph, out_point, _activation_quantizer(inputs[out], abits))
     for i, t in enumerate(compute.input):
         compute.input[i] = renamed.get(t, t)
     used = {t for n in graph.node for t in n.input}
@@ -165,7 +179,8 @@ def single_node_model(model: onnx.ModelProto, node_name: str, inputs: dict[str, 
 
 
 def node_latency_table(model: onnx.ModelProto, feeds: dict[str, np.ndarray], nodes: list[str],
-                       pairs: list[tuple[int, int]], repeats: int = 30, threads: int = 1) -> dict[str, dict[str, float]]:
+                       pairs: list[tuple[int, int]], repeats: int = 30, threads: int = 1,
+                       block: int | None = None) -> dict[str, dict[str, float]]:
     """node name -> {FLOAT: ms, "8/8": ms, "4/4": ms, ...}: median milliseconds per run of that node alone in onnxruntime.
 
     The float model runs once (the mirror) to give every node its real inputs and output.
@@ -179,9 +194,9 @@ def node_latency_table(model: onnx.ModelProto, feeds: dict[str, np.ndarray], nod
         inputs = {t: values[t] for t in [*_activation_inputs(node, inits), node.output[0]]}
         run_feeds = {t: inputs[t] for t in _activation_inputs(node, inits)}
         row: dict[str, float] = {}
-        for pair in [None, *pairs]:
+        for pair in [None, *(p for p in pairs if p[0] != FLOAT_BITS)]:  # a float weight is the float node
             key = FLOAT if pair is None else pair_key(*pair)
-            one = single_node_model(model, node.name, inputs, pair)
+            one = single_node_model(model, node.name, inputs, pair, block)
             try:
                 session = cpu_session(one, threads)
             except Exception as err:  # onnxruntime raises its own error types

@@ -17,12 +17,13 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import onnx
 import torch
 
+from ..calibrate import calibrate
 from ..context import Context
 from ..data import batches
 from ..errors import QLimitError
@@ -58,7 +59,8 @@ def search(ctx: Context, state: QuantState) -> SearchResult:
     """The bit plan within ctx.options.mixed's budgets with the least predicted loss."""
     config, mirror, model, feeds = ctx.options.mixed, ctx.mirror, ctx.model, ctx.feeds
     sample = {k: v[:1] for k, v in feeds.items()}
-    latency = _latency_table(model, sample, config, ctx.options.work_dir) if config.targets.latency_ms is not None else None
+    latency = _latency_table(model, sample, config, ctx.options.work_dir, ctx.config.scheme.weight_block) \
+        if config.targets.latency_ms is not None else None
     costs = CostModel(model, mirror, state.points, state.quantizers, sample, latency)
     size_hint = dict(costs.numel)
     ops_hint: dict[str, float] = {}
@@ -160,7 +162,11 @@ def _meet_metric(ctx: Context, state: QuantState, table: SensitivityTable, probl
     if not plans:
         raise QLimitError(_unreachable_together(problem, const, names, config.targets.budgets()))
     plans.sort(key=lambda c: float(problem.totals(c)[1][0]))
-    scorer = _PlanScorer(ctx.mirror, state, ctx.eval_data or EvalData(ctx.feeds))
+    def recalibrate() -> None:  # activation ranges observed with the plan's weights, as its file will have them
+        state.calibration = calibrate(ctx.mirror, state.points, state.quantizers, ctx.batches(), ctx.config.scheme,
+                                      progress=False, previous=state.calibration)
+
+    scorer = _PlanScorer(ctx.mirror, state, ctx.eval_data or EvalData(ctx.feeds), recalibrate)
     frontier: list[dict] = []
 
     def score(i: int) -> float:
@@ -184,10 +190,13 @@ def _meet_metric(ctx: Context, state: QuantState, table: SensitivityTable, probl
 
 
 class _PlanScorer:
-    """Scores plans with round-to-nearest quantizers on the evaluation data, against float."""
+    """Scores plans with round-to-nearest quantizers on the evaluation data, against float,
+    each with the activation ranges `recalibrate` observes for it (the file's)."""
 
-    def __init__(self, mirror: Mirror, state: QuantState, data: EvalData, batch_size: int = 32):
+    def __init__(self, mirror: Mirror, state: QuantState, data: EvalData, recalibrate: Callable[[], None],
+                 batch_size: int = 32):
         self.mirror, self.state, self.data, self.batch_size = mirror, state, data, batch_size
+        self.recalibrate = recalibrate
         with quantizers_disabled(state.quantizers):
             self.reference = self._outputs()
 
@@ -201,21 +210,22 @@ class _PlanScorer:
 
     def __call__(self, plan: BitPlan) -> float:
         self.state.apply(plan)
+        self.recalibrate()
         return relative_score(self.reference, self._outputs(), self.data.labels)
 
 
 def _latency_table(model: onnx.ModelProto, sample: Mapping[str, np.ndarray], config: MixedConfig,
-                   work_dir: str | None) -> dict:
+                   work_dir: str | None, block: int | None = None) -> dict:
     """Per-node onnxruntime latencies for the candidate width pairs (cached in the work directory)."""
     choices = config.sensitivity
     pairs = sorted({(w, a) for w in choices.wbits_choices for a in choices.abits_choices}, reverse=True)
     nodes = [n.name for n in model.graph.node if n.op_type in COMPUTE_OPS]
     key = hashlib.sha256(model.SerializeToString(deterministic=True) + json.dumps(
-        [pairs, config.latency_threads, {k: list(v.shape) for k, v in sample.items()}]).encode()).hexdigest()[:24]
+        [pairs, config.latency_threads, {k: list(v.shape) for k, v in sample.items()}, block]).encode()).hexdigest()[:24]
     path = Path(work_dir) / f"latency-{key}.json" if work_dir is not None else None
     if path is not None and path.is_file():
         return json.loads(path.read_text())
-    table = node_latency_table(model, dict(sample), nodes, pairs, threads=config.latency_threads)
+    table = node_latency_table(model, dict(sample), nodes, pairs, threads=config.latency_threads, block=block)
     whole = model_latency_ms(model, dict(sample), threads=config.latency_threads)
     result = {"base_ms": max(0.0, whole - sum(entry[FLOAT] for entry in table.values())), "nodes": table,
               "float_model_ms": whole}

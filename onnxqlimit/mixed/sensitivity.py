@@ -26,7 +26,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -36,7 +36,8 @@ from ..context import Context
 from ..mirror import Mirror
 from ..progress import progress_bar
 from ..quant.fake_quant import quantizers_disabled, set_enabled
-from ..quant.policy import QuantPoint
+from ..quant.policy import COMPUTE_OPS, QuantPoint
+from ..quant.runtimes import RuntimeProfile, profile
 from ..recon.blocks import Block, BlockConfig, find_blocks
 from ..recon.fisher import GradTap, sampled_nll
 from ..recon.runner import quantizer_owners
@@ -109,7 +110,9 @@ def load_or_measure(ctx: Context, state: QuantState,
                 return SensitivityTable.from_json(json.loads(path.read_text()))
             except (ValueError, KeyError, TypeError):
                 pass  # a damaged cache file is measured again and overwritten
-    table = measure(ctx.mirror, ctx.model, state, ctx.feeds, config, block_config, hints, seed, ctx.options.progress)
+    runs = runnable(ctx.model, state.points, profile(ctx.config.runtime))
+    table = measure(ctx.mirror, ctx.model, state, ctx.feeds, config, block_config, hints, seed, ctx.options.progress,
+                    runs)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -129,9 +132,11 @@ class _Samples:
 
 def measure(mirror: Mirror, model: onnx.ModelProto, state: QuantState, feeds: Mapping[str, np.ndarray],
             config: SensitivityConfig, block_config: BlockConfig, hints: tuple[Mapping[str, float], Mapping[str, float]],
-            seed: int = 0, progress: bool = True) -> SensitivityTable:
+            seed: int = 0, progress: bool = True,
+            runs: Callable[[Mapping[str, int]], bool] | None = None) -> SensitivityTable:
     """Measure the table; `hints` are (parameters, multiply-adds) per quantizer, to steer
-    which configurations of large blocks are measured."""
+    which configurations of large blocks are measured; `runs` (see runnable) drops the
+    configurations the runtime cannot run."""
     started = time.perf_counter()
     blocks = find_blocks(model, block_config)
     owners, on_entry = quantizer_owners(mirror, blocks, state.points)
@@ -149,7 +154,10 @@ def measure(mirror: Mirror, model: onnx.ModelProto, state: QuantState, feeds: Ma
                 if len(choices[point.tensor]) > 1:
                     table.diagonal[point.tensor] = {b: runner.loss(block, owned, {point.tensor: b})
                                                     for b in choices[point.tensor]}
-            for bits in _block_configs(owned, choices, table.diagonal, hints, config.max_block_configs):
+            configs = _block_configs(owned, choices, table.diagonal, hints, config.max_block_configs)
+            if runs is not None:  # the widest configuration stays: every runtime runs W8A8 or float
+                configs = [c for c in configs if runs(c)] or configs[:1]
+            for bits in configs:
                 table.blocks[block.index].append(BlockOption(bits, runner.loss(block, owned, bits)))
             bar.update()
     finally:
@@ -230,6 +238,27 @@ class _BlockLoss:
             quantizer.spec = point.spec
             quantizer.set_qparams(*self.state.calibration.qparams(point, point.spec.bits))
         set_enabled(self.state.quantizers, True)
+
+
+def runnable(model: onnx.ModelProto, points: list[QuantPoint], runtime: RuntimeProfile) -> Callable[[Mapping[str, int]], bool]:
+    """Whether a block configuration (quantizer -> width) gives every compute node whose weight
+    and activation quantizers it sets a (wbits, abits) pair the runtime runs (runtimes.py)."""
+    kinds = {p.tensor: p.kind for p in points}
+    pairs = []
+    for node in model.graph.node:
+        if node.op_type not in COMPUTE_OPS:
+            continue
+        quantized = [t for t in node.input[:2] if t in kinds]
+        weight = next((t for t in quantized if kinds[t] == "weight"), None)
+        acts = [t for t in quantized if kinds[t] == "activation"]
+        if weight is None and len(acts) == 2:  # activation x activation: B plays the weight
+            weight, acts = acts[1], acts[:1]
+        if weight is not None and acts:
+            pairs.append((node.op_type, weight, acts[0]))
+
+    def runs(config: Mapping[str, int]) -> bool:
+        return all(runtime.runs(op, config[w], config[a]) for op, w, a in pairs if w in config and a in config)
+    return runs
 
 
 def _block_configs(owned: list[QuantPoint], choices: Mapping[str, list[int]], diagonal: Mapping[str, Mapping[int, float]],

@@ -242,7 +242,8 @@ class BiasQuantize(nn.Module):
         """The bias scale, or None while the activation is not being quantized."""
         hooks, quantizers = self._refs
         act, weight = quantizers[self.act], quantizers[self.weight]
-        if hooks.get_hook(self.act) is not act or not (act.enabled and weight.enabled):
+        if hooks.get_hook(self.act) is not act or not (act.enabled and weight.enabled) \
+                or act.spec.is_float or weight.spec.is_float:  # (a plan made the layer weight-only or float)
             return None
         return act.scale.reshape(()) * weight.scale.reshape(-1)
 

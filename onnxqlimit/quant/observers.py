@@ -38,6 +38,8 @@ def weight_qparams(weight: torch.Tensor, spec: QuantSpec, method: str = "mse") -
     """Per-channel (or per-tensor) scale for a weight: min-max, or the shrink factor of the
     min-max range with the lowest Lp error, chosen per channel."""
     rows = _groups(weight.detach().float(), spec)
+    if spec.is_float:  # nothing to quantize: placeholder parameters, one per scale
+        return torch.ones(len(rows)), torch.zeros(len(rows))
     lo, hi = rows.min(dim=1).values, rows.max(dim=1).values
     if method == "minmax":
         return qparams_from_range(lo, hi, spec)

@@ -28,7 +28,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from ..errors import QLimitError
-from .widths import ACT_BITS, FLOAT_BITS, WEIGHT_BITS
+from .widths import (
+    ACT_BITS,
+    DEFAULT_ABITS_CHOICES,
+    DEFAULT_WBITS_CHOICES,
+    FLOAT_BITS,
+    WEIGHT_BITS,
+)
 
 COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -58,6 +64,9 @@ class RuntimeProfile:
     fused_bits: tuple[int, ...] = (8,)  # layers whose weights and inputs are all at these widths get
     # output Q/DQ (at their input's width) and int32 biases: the fused form
     ops: Mapping[str, OpRule] | None = None  # per compute op; None: every supported width
+    # the widths a search chooses from unless told (FLOAT_BITS: weight-only, or a float layer)
+    wbits_choices: tuple[int, ...] = DEFAULT_WBITS_CHOICES
+    abits_choices: tuple[int, ...] = DEFAULT_ABITS_CHOICES
 
     def rule(self, op_type: str) -> OpRule:
         if self.ops is None:
@@ -66,6 +75,12 @@ class RuntimeProfile:
 
     def allows(self, wbits: int, abits: int) -> bool:
         return any(self.rule(op).allows(wbits, abits) for op in COMPUTE)
+
+    def runs(self, op_type: str, wbits: int, abits: int) -> bool:
+        """Whether a plan may give this op these widths: what it runs, or float altogether."""
+        if wbits == FLOAT_BITS:
+            return abits == FLOAT_BITS
+        return op_type not in COMPUTE or self.rule(op_type).allows(wbits, abits)
 
     def fit(self, op_type: str, wbits: int, abits: int) -> tuple[int, int]:
         """(wbits, abits) where this op runs them, else the widest weights at the narrowest
@@ -101,15 +116,17 @@ PROFILES: dict[str, RuntimeProfile] = {p.name: p for p in (
                    "weights), MatMul/Gemm also weight-only int4/int8 (MatMulNBits)",
                    act_symmetric=False, weight_symmetric=True, weight_per_channel=True,
                    ops={"Conv": _INT8, "ConvTranspose": _INT8, "Gemm": OpRule((8,), (8,), (4, 8)),
-                        "MatMul": OpRule((8,), (8,), (4, 8))}),
+                        "MatMul": OpRule((8,), (8,), (4, 8))},
+                   wbits_choices=(4, 8, FLOAT_BITS), abits_choices=(8, FLOAT_BITS)),
     RuntimeProfile("tensorrt", "TensorRT explicit quantization: int8, zero point 0 everywhere; MatMul/Gemm also "
                    "weight-only int4, block-wise",
                    act_symmetric=True, weight_symmetric=True, weight_per_channel=True, weight_only_blocks=True,
                    ops={"Conv": _INT8, "ConvTranspose": _INT8, "Gemm": OpRule((8,), (8,), (4,)),
-                        "MatMul": OpRule((8,), (8,), (4,))}),
+                        "MatMul": OpRule((8,), (8,), (4,))},
+                   wbits_choices=(4, 8, FLOAT_BITS), abits_choices=(8, FLOAT_BITS)),
     RuntimeProfile("qnn", "Qualcomm QNN HTP: uint8/uint16 activations, symmetric int8/int4 per-channel weights",
                    act_symmetric=False, weight_symmetric=True, weight_per_channel=True, fused_bits=(4, 8, 16),
-                   ops={op: _QNN for op in COMPUTE}),
+                   ops={op: _QNN for op in COMPUTE}, wbits_choices=(4, 8), abits_choices=(8, 16)),
 )}
 RUNTIMES = tuple(PROFILES)
 
@@ -159,11 +176,15 @@ def adapt_scheme(runtime: RuntimeProfile, scheme):
 
 
 def restrict_choices(runtime: RuntimeProfile, mixed):
-    """`mixed` (a MixedConfig) with its search's width choices cut to those the runtime runs."""
+    """`mixed` (a MixedConfig) with its search's width choices cut to those the runtime runs;
+    the default choices are the runtime's own (ort-cpu: weight-only int4, W8A8 or float)."""
     sens = mixed.sensitivity
-    wbits = tuple(b for b in sens.wbits_choices if b in runtime.weight_widths())
-    abits = tuple(b for b in sens.abits_choices if b in runtime.act_widths())
+    defaults = (sens.wbits_choices, sens.abits_choices) == (DEFAULT_WBITS_CHOICES, DEFAULT_ABITS_CHOICES)
+    asked_w, asked_a = (runtime.wbits_choices, runtime.abits_choices) if defaults else \
+        (sens.wbits_choices, sens.abits_choices)
+    wbits = tuple(b for b in asked_w if b in runtime.weight_widths() | {FLOAT_BITS})
+    abits = tuple(b for b in asked_a if b in runtime.act_widths())
     if not wbits or not abits:
         kind, flag = ("weight", "--wbits-choices") if not wbits else ("activation", "--abits-choices")
-        check_widths(runtime, kind, sens.wbits_choices if not wbits else sens.abits_choices, flag)
+        check_widths(runtime, kind, asked_w if not wbits else asked_a, flag)
     return replace(mixed, sensitivity=replace(sens, wbits_choices=wbits, abits_choices=abits))

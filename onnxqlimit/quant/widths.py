@@ -17,7 +17,8 @@ WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
 FLOAT_BITS = 32  # an activation "width" meaning: left float, no Q/DQ (weight-only layers)
 ACT_BITS = (2, 3, 4, 5, 6, 7, 8, 16, FLOAT_BITS)
 WEIGHT_BLOCKS = (16, 32, 64, 128, 256)  # block sizes along K for MatMul/Gemm weights (DequantizeLinear block_size)
-SUPPORTED_BITS = {"weight": WEIGHT_BITS, "activation": ACT_BITS}
+# A plan may also leave a weight float (FLOAT_BITS): a layer a latency search keeps unquantized.
+SUPPORTED_BITS = {"weight": (*WEIGHT_BITS, FLOAT_BITS), "activation": ACT_BITS}
 # The widths a mixed-precision search chooses from unless told otherwise.
 DEFAULT_WBITS_CHOICES = (2, 3, 4, 8)
 DEFAULT_ABITS_CHOICES = (4, 8)
@@ -37,13 +38,14 @@ def check_bits(kind: str, bits: int, what: str | None = None) -> int:
     allowed = SUPPORTED_BITS[kind]
     if not isinstance(bits, int) or isinstance(bits, bool) or bits not in allowed:
         label = what or ("wbits" if kind == "weight" else "abits")
-        extra = " (activations also 16, or 32: float)" if kind == "activation" else ""
+        extra = " (activations also 16; 32: float)" if kind == "activation" else " (32: float)"
         raise QLimitError(f"{label} must be {allowed[0]}..{max(b for b in allowed if b <= 8)}{extra}, got {bits!r}")
     return bits
 
 
 def container_bits(bits: int) -> int:
-    return next(c for c in (2, 4, 8, 16) if bits <= c)
+    """The integer container of a width (FLOAT_BITS: float32 itself)."""
+    return next(c for c in (2, 4, 8, 16, FLOAT_BITS) if bits <= c)
 
 
 def container_dtype(bits: int, signed: bool):

@@ -141,7 +141,7 @@ def tune_block(runner: BlockRunner, block: Block, weights: list[str], tuned: lis
     mirror = runner.mirror
     rounding: list[AdaRoundQuantize] = []
     for point in tuned:
-        if point.kind == "weight":
+        if point.kind == "weight" and not point.spec.is_float:  # (a weight left float has nothing to round)
             module = AdaRoundQuantize(runner.quantizers[point.tensor], mirror.initializer(point.tensor))
             runner.quantizers[point.tensor] = module
             mirror.set_hook(point.tensor, module)
