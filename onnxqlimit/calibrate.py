@@ -40,6 +40,7 @@ def attach_quantizers(mirror: Mirror, points: list[QuantPoint]) -> dict[str, Fak
         if point.kind == "weight":
             channels = math.prod(point.spec.scale_shape(tuple(mirror.initializer(point.tensor).shape)))
         quantizers[point.tensor] = FakeQuantize(point.spec, channels).to(mirror.device)
+        quantizers[point.tensor].range_max = point.within
         mirror.set_hook(point.tensor, quantizers[point.tensor])
     for point in points:  # int32 biases read the scales of their layer's quantizers
         if point.bias is not None:

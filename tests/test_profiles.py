@@ -127,3 +127,22 @@ def test_ort_cpu_weight_only_keeps_convolutions_at_w8a8(tmp_path):
     assert not _fed_by(producer, gemm.input[0], "DequantizeLinear")  # float activations: weight-only
     check = check_runtime(tmp_path / "q.onnx", {"input": np.zeros((1, 3, 32, 32), np.float32)})
     assert check.integer == check.compute, check.kernels
+
+
+def test_learned_scales_keep_relu6_folded_so_every_conv_stays_fused(tmp_path):
+    """onnxruntime folds Clip(0, 6) -> QuantizeLinear into the Q (and so fuses the conv
+    before it) only while the Q's range stays within [0, 6]: QDrop's learned scales are held
+    there, and the qdrop file runs every conv in an integer kernel, as the rtn one does."""
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(MODELS / "zoo_mobilenetv2.onnx"), "-o", str(out), "--calib",
+                 str(MODELS / "zoo_mobilenetv2_calib.npz"), "--method", "qdrop", "--iters", "40", "--calib-size", "32",
+                 "--quiet"]) == 0
+    model = onnx.load(str(out))
+    inits, producer, _, _, acts = _walk(model)
+    after_clip = [n for n in acts if n.input[0] in producer and producer[n.input[0]].op_type == "Clip"]
+    assert after_clip
+    for q in after_clip:
+        scale, zero = (float(numpy_helper.to_array(inits[t])) for t in q.input[1:3])
+        assert zero == 0 and scale * 255 <= 6.0 * (1 + 1e-6), (q.name, scale)
+    check = check_runtime(out, {"input": np.zeros((1, 3, 32, 32), np.float32)})
+    assert check.integer == check.compute, check.kernels

@@ -183,11 +183,22 @@ class FakeQuantize(nn.Module):
         self.register_buffer("zero_point", torch.zeros(channels))
         self.enabled = True
         self.quant_prob: float | None = None
+        self.range_max: float | None = None  # the largest value its range may reach (see fit_range)
 
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         with torch.no_grad():
             self.scale.data = scale.detach().reshape(-1).float().to(self.scale.device)
             self.zero_point = zero_point.detach().reshape(-1).float().round().to(self.scale.device)
+        self.fit_range()
+
+    def fit_range(self) -> None:
+        """Shrink the scale so that the top level stays at or below `range_max` (a Clip the
+        runtime folds into this Q only then); called after every learned-scale step too."""
+        if self.range_max is None or self.spec.is_float:
+            return
+        with torch.no_grad():
+            levels = (self.spec.qmax - self.zero_point).clamp(min=1)
+            self.scale.data = torch.minimum(self.scale.data, self.range_max / levels)
 
     def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec

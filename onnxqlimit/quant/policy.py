@@ -18,7 +18,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Container, Sequence
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from ..errors import QLimitError
 from .config import Placement, QuantConfig, Widths
@@ -40,6 +42,8 @@ class QuantPoint:
     output_of: str | None = None  # an output Q/DQ that lets the runtime fuse this compute node (fused form)
     bias: tuple[str, str] | None = None  # weight only: (bias, activation input) of its layer, the bias
     # stored as int32 with scale = activation scale x this weight's scale (fused form)
+    within: float | None = None  # the Clip maximum its Q's range must not pass: the runtime folds
+    # Clip -> Q into the Q (and so fuses the layer before it) only while it does (fused form)
 
 
 def float_initializers(graph: onnx.GraphProto) -> set[str]:
@@ -191,11 +195,27 @@ def _bias_add(node: onnx.NodeProto, readers, inits, outputs: set[str]) -> tuple[
     return (add, const[0]) if len(const) == 1 and len(add.input) == 2 else None
 
 
-def _fusion_tail(tensor: str, readers, outputs: set[str]) -> str:
+def _fusion_tail(tensor: str, readers, inits, outputs: set[str]) -> tuple[str, float | None]:
     """Where an output Q belongs for the runtime to fuse the layer producing `tensor`: past a
-    Relu / Clip that the runtime folds into the Q, when it is the tensor's single reader."""
+    Relu / Clip that the runtime folds into the Q, when it is the tensor's single reader; and
+    for a Clip from 0 to a constant, that maximum (the Q's range must stay inside the Clip's)."""
     after = _single_reader(tensor, readers, outputs, ("Relu", "Clip"))
-    return after.output[0] if after is not None and after.input[0] == tensor else tensor
+    if after is None or after.input[0] != tensor:
+        return tensor, None
+    if after.op_type == "Relu":
+        return after.output[0], None
+    bounds = [_constant(inits, after.input[i]) if len(after.input) > i and after.input[i] else None for i in (1, 2)]
+    if len(after.input) < 2:  # opset < 11: min/max attributes
+        bounds = [next((a.f for a in after.attribute if a.name == n), None) for n in ("min", "max")]
+    lo, hi = bounds
+    if lo is None or hi is None or lo != 0.0:
+        return tensor, None  # a Clip the runtime cannot fold into a Q with zero point 0: Q before it
+    return after.output[0], hi
+
+
+def _constant(inits, name: str) -> float | None:
+    t = inits.get(name)
+    return float(numpy_helper.to_array(t).reshape(-1)[0]) if t is not None and int(np.prod(t.dims)) == 1 else None
 
 
 def _int32_bias(weight: QuantPoint, act: QuantPoint, bias: str, inits, readers) -> bool:
@@ -240,9 +260,9 @@ def _fused_form(graph, compute, weights: dict[str, QuantPoint], acts: dict[str, 
             continue  # (no integer kernel takes block-wise weights with quantized activations)
         weight = next((p for p in points if p.kind == "weight"), None)
         act = next(p for p in points if p is not weight)
-        tail = None
+        tail, within = None, None
         if node.op_type in ("Conv", "ConvTranspose"):
-            tail = _fusion_tail(node.output[0], readers, outputs)
+            tail, within = _fusion_tail(node.output[0], readers, inits, outputs)
         if weight is not None and node.op_type != "MatMul" and len(node.input) > 2:
             _int32_bias(weight, act, node.input[2], inits, readers)
         elif weight is not None and node.op_type == "MatMul" and (found := _bias_add(node, readers, inits, outputs)):
@@ -252,6 +272,8 @@ def _fused_form(graph, compute, weights: dict[str, QuantPoint], acts: dict[str, 
         if tail is not None and tail not in acts and tail not in added and tail not in outputs and tail in float_acts:
             bits = max(p.spec.bits for p in points if p.kind == "activation")
             added[tail] = QuantPoint(tail, "activation", QuantSpec(bits, act_symmetric), [], True, output_of=node.name)
+        if within is not None and (acts.get(tail) or added.get(tail)) is not None:
+            (acts.get(tail) or added[tail]).within = within
     _integer_elementwise(graph, acts, added, float_acts, outputs, fused_bits, act_symmetric)
     return list(added.values())
 

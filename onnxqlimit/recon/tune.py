@@ -189,6 +189,8 @@ def tune_block(runner: BlockRunner, block: Block, weights: list[str], tuned: lis
                 loss.backward()
             for opt in optimizers:
                 opt.step()
+            for t in acts if scales else ():  # a learned scale stays inside a folded Clip's range
+                runner.quantizers[t].fit_range()
             if it == 0:
                 # Forward FLOPs x 3 for forward + backward: torch's counter overstates
                 # grouped-convolution backward by the group count.
