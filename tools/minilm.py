@@ -196,6 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int)
     ap.add_argument("--ort", action="store_true", help="also onnxruntime quantize_static (W8A8, W4A8, W4A4 only)")
     ap.add_argument("--smooth", type=float, help="SmoothQuant alpha (QuantConfig.smooth)")
+    ap.add_argument("--weight-block", type=int, help="MatMul/Gemm weights block-wise (with W4A32: weight-only)")
+    ap.add_argument("--runtime", default="generic", help="runtime profile (docs/runtimes.md)")
     ap.add_argument("--quantize-attention", action="store_true")
     ap.add_argument("--quantize-add", action="store_true")
     ap.add_argument("--granularity", default="block", help="reconstruction unit (block: attention / FFN sub-layers)")
@@ -213,6 +215,8 @@ def main(argv=None) -> int:
         src = export(work / f"minilm_{args.exporter}.onnx", args.exporter)
         score = scorer(src, held, trip)
         options = [flag for flag, given in ((f"--smooth {args.smooth}", args.smooth),
+                                            (f"--weight-block {args.weight_block}", args.weight_block),
+                                            (f"--runtime {args.runtime}", args.runtime != "generic"),
                                             ("--quantize-attention", args.quantize_attention),
                                             ("--quantize-add", args.quantize_add),
                                             (f"--granularity {args.granularity} --block-layers {args.block_layers}",
@@ -233,7 +237,7 @@ def main(argv=None) -> int:
                 out = work / f"{bits}_{args.method}_e{emb_bits}.onnx"
                 config = QuantConfig.of(wbits=wbits, abits=abits, embedding_bits=emb_bits or None,
                                         quantize_act_matmul=args.quantize_attention or None, quantize_add=args.quantize_add,
-                                        smooth=args.smooth)
+                                        smooth=args.smooth, weight_block=args.weight_block, runtime=args.runtime)
                 started = time.perf_counter()
                 recon = ReconConfig.preset("fast", method=args.method, iters=args.iters, calib_size=args.calib_size,
                                            granularity=args.granularity, max_layers=args.block_layers)

@@ -21,6 +21,7 @@ import onnx
 from onnx import TensorProto
 
 from onnxqlimit import QuantConfig, ReconConfig, RunOptions, quantize
+from onnxqlimit.load import LoadConfig, load_model
 from tools.common import Table, load
 from tools.ort_baseline import DictReader
 
@@ -50,7 +51,10 @@ def roles(path: Path) -> Counter:
     counts: Counter = Counter()
     for node in model.graph.node:
         if node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] in inits:
-            counts[("activation Q", TensorProto.DataType.Name(inits[node.input[2]].data_type))] += 1
+            # a Q of a float initializer is a weight or bias quantized in the graph
+            role = "activation Q" if node.input[0] not in inits else \
+                f"{'bias' if len(inits[node.input[0]].dims) == 1 else 'weight'} Q of a float initializer"
+            counts[(role, TensorProto.DataType.Name(inits[node.input[2]].data_type))] += 1
         elif node.op_type == "DequantizeLinear" and node.input[0] in inits:
             kind = "bias" if inits[node.input[0]].data_type == TensorProto.INT32 else "weight"
             counts[(f"{kind} DQ", TensorProto.DataType.Name(inits[node.input[0]].data_type))] += 1
@@ -77,7 +81,12 @@ def main(argv=None) -> int:
         for name in args.models.split(","):
             model = load(name, work)
             calib = model.calibration()
-            theirs = roles(ort_qnn(model.path, work / f"{name}_ort_qnn.onnx", calib, args.wbits))
+            # onnxruntime's QNN path takes Constant-node weights (PP-OCR's export) for activations
+            # and quantizes them to uint16: both tools start from the same loaded graph, whose
+            # constants are initializers (onnxqlimit.load: onnxsim, constants lifted)
+            loaded = work / f"{name}_loaded.onnx"
+            onnx.save(load_model(onnx.load(str(model.path)), LoadConfig()), str(loaded))
+            theirs = roles(ort_qnn(loaded, work / f"{name}_ort_qnn.onnx", calib, args.wbits))
             ours_path = work / f"{name}_qnn.onnx"
             quantize(model.path, ours_path, calib, QuantConfig.of(runtime="qnn", abits=16, wbits=args.wbits),
                      RunOptions(recon=ReconConfig.preset("fast", method="rtn", calib_size=len(next(iter(calib.values())))),
