@@ -11,3 +11,9 @@ class UnsupportedModelError(QLimitError):
 
 class UnsupportedNodeError(QLimitError):
     """Raised by an op converter when one node uses a feature it does not implement."""
+
+
+def check_one_of(flag: str, value, allowed) -> None:
+    """Refuse a setting outside its choices: '--method must be one of rtn, ... (got 'x')'."""
+    if value not in allowed:
+        raise QLimitError(f"{flag} must be one of {', '.join(map(str, allowed))} (got {value!r})")

@@ -63,6 +63,20 @@ def _qparam_arrays(quantizer: FakeQuantize, per_channel: bool, shape: tuple[int,
     return scale.astype(np.float32), zero.astype(container_dtype(quantizer.spec.bits, quantizer.spec.symmetric))
 
 
+def _integers(quantizer: FakeQuantize, weight) -> np.ndarray:
+    """A weight's integers (rounded as the quantizer rounds, learned or not) in their container type."""
+    spec = quantizer.spec
+    return quantizer.quantize(weight.detach()).cpu().numpy().astype(np.int32).astype(container_dtype(spec.bits, spec.symmetric))
+
+
+def _store_weight(graph, base: str, ints, scale, zero, store) -> None:
+    """The integers (through `store` for a model kept on disk), scales and zero points of a weight."""
+    stored = numpy_helper.from_array(ints, f"{base}_quantized")
+    graph.initializer.extend([store(stored) if store is not None else stored,
+                              numpy_helper.from_array(scale, f"{base}_scale"),
+                              numpy_helper.from_array(zero, f"{base}_zero_point")])
+
+
 def reads_transposed(node) -> bool:
     """A Gemm reading its weight transposed (transB=1). onnxruntime fuses a weight-only Gemm
     into MatMulNBits only untransposed, so the exporter then stores the weight transposed
@@ -79,16 +93,13 @@ def insert_weight(graph, point: QuantPoint, quantizer: FakeQuantize, weight, sto
     """`transpose`: store a 2-D weight transposed (integers, scales, axes), for a reader that
     then reads it untransposed (see export's weight-only Gemm)."""
     spec = point.spec
-    ints = quantizer.quantize(weight.detach()).cpu().numpy().astype(np.int32).astype(container_dtype(spec.bits, spec.symmetric))
+    ints = _integers(quantizer, weight)
     scale, zero = _qparam_arrays(quantizer, spec.channel_axis is not None, tuple(ints.shape))
     if transpose:
         ints, scale, zero = ints.T, scale.T, zero.T  # (.T of a vector or a scalar is itself)
         spec = replace(spec, channel_axis=None if spec.channel_axis is None else 1 - spec.channel_axis)
     base = point.tensor
-    stored = numpy_helper.from_array(ints, f"{base}_quantized")
-    graph.initializer.extend([store(stored) if store is not None else stored,
-                              numpy_helper.from_array(scale, f"{base}_scale"),
-                              numpy_helper.from_array(zero, f"{base}_zero_point")])
+    _store_weight(graph, base, ints, scale, zero, store)
     attrs = {"axis": spec.channel_axis} if spec.channel_axis is not None else {}
     if spec.block_size is not None:  # blocks along the reduction axis (opset 21)
         attrs = {"axis": spec.block_axis, "block_size": spec.block_size}
@@ -123,30 +134,24 @@ def insert_gathered_table(graph, point: QuantPoint, quantizer: FakeQuantize, wei
     DequantizeLinear computes), so an inference touches only the rows it looks up instead of
     dequantizing the whole table. Scales and zero points are stored as [rows, 1] columns so
     that the gathered ones broadcast over each row; the bytes are insert_weight's."""
-    spec = point.spec
-    ints = quantizer.quantize(weight.detach()).cpu().numpy().astype(np.int32).astype(container_dtype(spec.bits, spec.symmetric))
-    scale, zero = _qparam_arrays(quantizer, per_channel=True)
     base = point.tensor
-    stored = numpy_helper.from_array(ints, f"{base}_quantized")
-    graph.initializer.extend([store(stored) if store is not None else stored,
-                              numpy_helper.from_array(scale.reshape(-1, 1), f"{base}_scale"),
-                              numpy_helper.from_array(zero.reshape(-1, 1), f"{base}_zero_point")])
+    scale, zero = _qparam_arrays(quantizer, per_channel=True)
+    _store_weight(graph, base, _integers(quantizer, weight), scale.reshape(-1, 1), zero.reshape(-1, 1), store)
     for gather in gathers:
         out, ids = gather.output[0], gather.input[1]
         gather.input[0], gather.output[0] = f"{base}_quantized", f"{out}_quantized_rows"
-        nodes = [helper.make_node("Gather", [f"{base}_scale", ids], [f"{out}_row_scale"], name=f"{out}_GatherScale"),
-                 helper.make_node("Cast", [f"{out}_quantized_rows"], [f"{out}_integer_rows"], name=f"{out}_Cast",
-                                  to=onnx.TensorProto.FLOAT)]
         # (q - zero point) x scale, as DequantizeLinear computes it; the zero point is kept even
         # when symmetric (all zeros): the file then holds exactly the bytes insert_weight's does
-        nodes += [helper.make_node("Gather", [f"{base}_zero_point", ids], [f"{out}_row_zero"], name=f"{out}_GatherZero"),
-                  helper.make_node("Cast", [f"{out}_row_zero"], [f"{out}_row_zero_float"], name=f"{out}_CastZero",
-                                   to=onnx.TensorProto.FLOAT),
-                  helper.make_node("Sub", [f"{out}_integer_rows", f"{out}_row_zero_float"], [f"{out}_centered_rows"],
-                                   name=f"{out}_Sub")]
-        rows = f"{out}_centered_rows"
-        nodes.append(helper.make_node("Mul", [rows, f"{out}_row_scale"], [out], name=f"{out}_Dequantize"))
-        graph.node.extend(nodes)
+        graph.node.extend([
+            helper.make_node("Gather", [f"{base}_scale", ids], [f"{out}_row_scale"], name=f"{out}_GatherScale"),
+            helper.make_node("Cast", [f"{out}_quantized_rows"], [f"{out}_integer_rows"], name=f"{out}_Cast",
+                             to=onnx.TensorProto.FLOAT),
+            helper.make_node("Gather", [f"{base}_zero_point", ids], [f"{out}_row_zero"], name=f"{out}_GatherZero"),
+            helper.make_node("Cast", [f"{out}_row_zero"], [f"{out}_row_zero_float"], name=f"{out}_CastZero",
+                             to=onnx.TensorProto.FLOAT),
+            helper.make_node("Sub", [f"{out}_integer_rows", f"{out}_row_zero_float"], [f"{out}_centered_rows"],
+                             name=f"{out}_Sub"),
+            helper.make_node("Mul", [f"{out}_centered_rows", f"{out}_row_scale"], [out], name=f"{out}_Dequantize")])
 
 
 def insert_bias(graph, bias: str, values, quantizer: BiasQuantize) -> str:

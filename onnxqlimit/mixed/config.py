@@ -8,7 +8,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..errors import QLimitError
+from ..errors import QLimitError, check_one_of
 from ..quant.widths import DEFAULT_ABITS_CHOICES, DEFAULT_WBITS_CHOICES, check_bits
 
 SOLVERS = ("milp", "ga")
@@ -85,8 +85,7 @@ class MixedConfig:
     latency_threads: int = 1
 
     def __post_init__(self):
-        if self.solver not in SOLVERS:
-            raise QLimitError(f"--solver must be one of {', '.join(SOLVERS)} (got {self.solver!r})")
+        check_one_of("--solver", self.solver, SOLVERS)
 
 
 @dataclass

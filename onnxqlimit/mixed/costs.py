@@ -27,7 +27,7 @@ from ..mirror import Mirror
 from ..qdq import activation_storage_bytes, bias_storage_bytes, weight_storage_bytes
 from ..quant.bits import BitPlan
 from ..quant.fake_quant import FakeQuantize, quantizers_disabled
-from ..quant.policy import COMPUTE_OPS, QuantPoint
+from ..quant.policy import COMPUTE_OPS, QuantPoint, operands
 from ..quant.widths import FLOAT_BITS, container_bits, stored_bytes
 from ..weights import array as tensor_array
 
@@ -113,16 +113,13 @@ def _node_costs(mirror: Mirror, points: Mapping[str, QuantPoint], quantizers, sa
     with torch.no_grad(), quantizers_disabled(quantizers):
         env = mirror.execute(mirror.initial_env({k: v[:1] for k, v in sample.items()}), keep=wanted)
     shapes = {t: tuple(env[t].shape) for t in wanted if t in env}
+    kinds = {t: p.kind for t, p in points.items()}
     costs = []
     for node in compute:
         a_shape, b_shape, out = (shapes.get(t, ()) for t in (node.inputs[0], node.inputs[1], node.outputs[0]))
         macs = _macs(node, a_shape, b_shape, out)
-        quantized = [points.get(t) for t in node.inputs[:2]]
-        weight = next((p.tensor for p in quantized if p is not None and p.kind == "weight"), None)
-        acts = [p.tensor for p in quantized if p is not None and p.kind == "activation"]
-        if weight is None and len(acts) == 2:  # activation x activation: B plays the weight
-            weight, acts = acts[1], acts[:1]
-        costs.append(NodeCost(node.name, macs, weight, acts[0] if acts else None))
+        weight, act = operands(node.inputs, kinds)
+        costs.append(NodeCost(node.name, macs, weight, act))
     return costs
 
 

@@ -36,7 +36,7 @@ from ..context import Context
 from ..mirror import Mirror
 from ..progress import progress_bar
 from ..quant.fake_quant import quantizers_disabled, set_enabled
-from ..quant.policy import COMPUTE_OPS, QuantPoint
+from ..quant.policy import COMPUTE_OPS, QuantPoint, operands
 from ..quant.runtimes import RuntimeProfile, profile
 from ..recon.blocks import Block, BlockConfig, find_blocks
 from ..recon.fisher import GradTap, sampled_nll
@@ -244,17 +244,8 @@ def runnable(model: onnx.ModelProto, points: list[QuantPoint], runtime: RuntimeP
     """Whether a block configuration (quantizer -> width) gives every compute node whose weight
     and activation quantizers it sets a (wbits, abits) pair the runtime runs (runtimes.py)."""
     kinds = {p.tensor: p.kind for p in points}
-    pairs = []
-    for node in model.graph.node:
-        if node.op_type not in COMPUTE_OPS:
-            continue
-        quantized = [t for t in node.input[:2] if t in kinds]
-        weight = next((t for t in quantized if kinds[t] == "weight"), None)
-        acts = [t for t in quantized if kinds[t] == "activation"]
-        if weight is None and len(acts) == 2:  # activation x activation: B plays the weight
-            weight, acts = acts[1], acts[:1]
-        if weight is not None and acts:
-            pairs.append((node.op_type, weight, acts[0]))
+    pairs = [(node.op_type, *operands(node.input, kinds)) for node in model.graph.node if node.op_type in COMPUTE_OPS]
+    pairs = [(op, w, a) for op, w, a in pairs if w is not None and a is not None]
 
     def runs(config: Mapping[str, int]) -> bool:
         return all(runtime.runs(op, config[w], config[a]) for op, w, a in pairs if w in config and a in config)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 
-from ..errors import QLimitError
+from ..errors import QLimitError, check_one_of
 from .runtimes import adapt_scheme, check_pairs, profile
 from .widths import WEIGHT_BLOCKS, check_bits
 
@@ -65,16 +65,12 @@ class Scheme:
     weight_block: int | None = None  # MatMul/Gemm weights: one scale per block of this many along K
 
     def __post_init__(self):
-        if self.weight_init not in WEIGHT_OBSERVERS:
-            raise QLimitError(f"--weight-init must be one of {', '.join(WEIGHT_OBSERVERS)} (got {self.weight_init!r})")
-        if self.act_init not in ACT_OBSERVERS:
-            raise QLimitError(f"--act-init must be one of {', '.join(ACT_OBSERVERS)} (got {self.act_init!r})")
+        check_one_of("--weight-init", self.weight_init, WEIGHT_OBSERVERS)
+        check_one_of("--act-init", self.act_init, ACT_OBSERVERS)
         if not 0 < self.percentile <= 100:
             raise QLimitError(f"--percentile must be in (0, 100] (got {self.percentile})")
         if self.weight_block is not None:
-            if self.weight_block not in WEIGHT_BLOCKS:
-                raise QLimitError(f"--weight-block must be one of {', '.join(map(str, WEIGHT_BLOCKS))} "
-                                  f"(got {self.weight_block})")
+            check_one_of("--weight-block", self.weight_block, WEIGHT_BLOCKS)
             if not self.weight_per_channel:
                 raise QLimitError("--weight-block gives each output channel its own scales: it cannot be --per-tensor")
 

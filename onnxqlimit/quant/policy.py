@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
-from typing import Container, Sequence
+from typing import Container, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -60,6 +60,17 @@ def weight_input(node: onnx.NodeProto, float_weights: Container[str]) -> int | N
         if index < len(node.input) and node.input[index] in float_weights:
             return index
     return None
+
+
+def operands(inputs: Sequence[str], kinds: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """(weight, activation) quantizers of a compute node's first two `inputs`, by kind (tensor ->
+    "weight" | "activation"); of a MatMul of two activations the second plays the weight."""
+    quantized = [t for t in inputs[:2] if t in kinds]
+    weight = next((t for t in quantized if kinds[t] == "weight"), None)
+    acts = [t for t in quantized if kinds[t] == "activation"]
+    if weight is None and len(acts) == 2:
+        weight, acts = acts[1], acts[:1]
+    return weight, acts[0] if acts else None
 
 
 def _matches(patterns, node: onnx.NodeProto) -> bool:
@@ -294,8 +305,7 @@ def _integer_elementwise(graph, acts: dict[str, QuantPoint], added: dict[str, Qu
     for node in graph.node:
         if node.op_type not in INTEGER_ELEMENTWISE or node.domain not in ("", "ai.onnx"):
             continue
-        data = [t for t in (node.input[:1] if node.op_type != "Concat" and node.op_type not in ("Add", "Mul")
-                            else node.input) if t]
+        data = [t for t in (node.input if node.op_type in ("Add", "Mul", "Concat") else node.input[:1]) if t]
         if any(t in inits for t in data) or not data:
             continue
         points = [acts.get(t) or added.get(t) for t in data]

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from ..errors import QLimitError
+from ..errors import QLimitError, check_one_of
 from .widths import (
     ACT_BITS,
     DEFAULT_ABITS_CHOICES,
@@ -132,8 +132,7 @@ RUNTIMES = tuple(PROFILES)
 
 
 def profile(name: str) -> RuntimeProfile:
-    if name not in PROFILES:
-        raise QLimitError(f"--runtime must be one of {', '.join(RUNTIMES)} (got {name!r})")
+    check_one_of("--runtime", name, RUNTIMES)
     return PROFILES[name]
 
 

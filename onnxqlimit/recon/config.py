@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..errors import QLimitError
+from ..errors import QLimitError, check_one_of
 from .blocks import GRANULARITIES, BlockConfig
 
 METHODS = ("rtn", "adaround", "brecq", "qdrop")
@@ -69,17 +69,14 @@ class ReconConfig:
     def preset(cls, name: str, **changes) -> ReconConfig:
         """The preset's schedule, with `changes` (any field) on top; a change that is None (an
         option left unset) keeps the preset's value - no field takes None."""
-        if name not in PRESETS:
-            raise QLimitError(f"--preset must be one of {', '.join(PRESETS)} (got {name!r})")
+        check_one_of("--preset", name, PRESETS)
         return cls(**{**asdict(PRESETS[name]), **{k: v for k, v in changes.items() if v is not None}})
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise QLimitError(f"--method must be one of {', '.join(METHODS)} (got {self.method!r})")
+        check_one_of("--method", self.method, METHODS)
         if self.loss not in LOSSES:
             raise QLimitError(f"--loss must be mse or fisher (got {self.loss!r})")
-        if self.granularity not in GRANULARITIES:
-            raise QLimitError(f"--granularity must be one of {', '.join(GRANULARITIES)} (got {self.granularity!r})")
+        check_one_of("--granularity", self.granularity, GRANULARITIES)
         if not 0 < self.quant_prob <= 1:
             raise QLimitError(f"--quant-prob must be in (0, 1] (got {self.quant_prob})")
         if self.calib_size < 1 or self.iters < 1 or self.batch_size < 1 or self.max_layers < 1:
