@@ -155,8 +155,9 @@ def measure(mirror: Mirror, model: onnx.ModelProto, state: QuantState, feeds: Ma
                     table.diagonal[point.tensor] = {b: runner.loss(block, owned, {point.tensor: b})
                                                     for b in choices[point.tensor]}
             configs = _block_configs(owned, choices, table.diagonal, hints, config.max_block_configs)
-            if runs is not None:  # the widest configuration stays: every runtime runs W8A8 or float
-                configs = [c for c in configs if runs(c)] or configs[:1]
+            if runs is not None:  # else the widest configuration: every runtime runs W8A8 or float
+                widest = {p.tensor: max(choices[p.tensor]) for p in owned}
+                configs = [c for c in configs if runs(c)] or [widest]
             for bits in configs:
                 table.blocks[block.index].append(BlockOption(bits, runner.loss(block, owned, bits)))
             bar.update()
