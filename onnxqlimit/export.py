@@ -59,6 +59,7 @@ def export_qdq(model: onnx.ModelProto, mirror: Mirror, state: QuantState,
     out.CopyFrom(model)
     graph = out.graph
     quantizers = state.quantizers
+    quantized_acts = {p.tensor for p in state.points if p.kind == "activation" and not p.spec.is_float}
     for point in state.points:
         if point.spec.is_float:  # an activation the plan leaves float: no Q/DQ
             continue
@@ -70,7 +71,8 @@ def export_qdq(model: onnx.ModelProto, mirror: Mirror, state: QuantState,
         readers = _consumers_of(graph, point.tensor)
         if point.kind == "weight":
             transpose = _weight_only_gemm(readers, point, quantizers)
-            new_name = insert_weight(graph, point, quantizer, mirror.initializer(point.tensor), store, transpose)
+            beside = any(t in quantized_acts for node, _ in readers for t in node.input[:2])
+            new_name = insert_weight(graph, point, quantizer, mirror.initializer(point.tensor), store, transpose, beside)
         else:
             new_name = insert_activation(graph, point, quantizer)
         for node, index in readers:

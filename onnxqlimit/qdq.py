@@ -24,20 +24,24 @@ def needs_clip(spec: QuantSpec) -> bool:
     return spec.bits < container_bits(spec.bits) or container_bits(spec.bits) < 8
 
 
-def needs_fusion_guard(spec: QuantSpec) -> bool:
-    return container_bits(spec.bits) == 2
+def needs_fusion_guard(spec: QuantSpec, beside_activations: bool) -> bool:
+    """Whether onnxruntime 1.32 would fuse this weight's DequantizeLinear into an integer kernel
+    that cannot take it, making the file fail: DQ(weight) -> Conv/Gemm/MatMul with 8-bit
+    activations becomes QLinearConv & co. without a check of the weight type (int2: session
+    creation fails with INVALID_GRAPH) or of its scales' shape (block-wise int8:
+    MatMulIntegerToFloat fails at run time)."""
+    container = container_bits(spec.bits)
+    return container == 2 or (beside_activations and container == 8 and spec.block_size is not None)
 
 
 def weight_storage_bytes(spec: QuantSpec, shape: tuple[int, ...]) -> int:
-    """What insert_weight stores for a weight: packed integers, float32 scales, zero points
-    (and, for int2, the fusion guard's shape)."""
+    """What insert_weight stores for a weight: packed integers, float32 scales, zero points."""
     numel = int(np.prod(shape))
     if spec.is_float:  # a layer left float keeps its float32 initializer
         return 4 * numel
     container = container_bits(spec.bits)
     channels = int(np.prod(spec.scale_shape(tuple(shape))))  # scales (and zero points)
-    guard = 8 * len(shape) if needs_fusion_guard(spec) else 0
-    return -(-numel * container // 8) + 4 * channels + -(-channels * container // 8) + guard
+    return -(-numel * container // 8) + 4 * channels + -(-channels * container // 8)
 
 
 def activation_storage_bytes(spec: QuantSpec) -> int:
@@ -89,9 +93,10 @@ def untranspose(node) -> None:
 
 
 def insert_weight(graph, point: QuantPoint, quantizer: FakeQuantize, weight, store=None,
-                  transpose: bool = False) -> str:
+                  transpose: bool = False, beside_activations: bool = False) -> str:
     """`transpose`: store a 2-D weight transposed (integers, scales, axes), for a reader that
-    then reads it untransposed (see export's weight-only Gemm)."""
+    then reads it untransposed (see export's weight-only Gemm). `beside_activations`: a reader
+    has quantized activations (needs_fusion_guard)."""
     spec = point.spec
     ints = _integers(quantizer, weight)
     scale, zero = _qparam_arrays(quantizer, spec.channel_axis is not None, tuple(ints.shape))
@@ -105,35 +110,51 @@ def insert_weight(graph, point: QuantPoint, quantizer: FakeQuantize, weight, sto
         attrs = {"axis": spec.block_axis, "block_size": spec.block_size}
     graph.node.append(helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
                                        [f"{base}_dequantized"], name=f"{base}_DequantizeLinear", **attrs))
-    if needs_fusion_guard(spec):
-        # onnxruntime 1.32 fuses DQ(weight) -> Conv/Gemm/MatMul with 8-bit activations into
-        # QLinearConv & co. without checking the weight type, and an int2 weight then makes
-        # session creation fail (INVALID_GRAPH) at the default optimization level. A
-        # same-shape Reshape between the DQ and its readers is exact and stops the match.
-        graph.initializer.append(numpy_helper.from_array(np.array(ints.shape, np.int64), f"{base}_shape"))
-        graph.node.append(helper.make_node("Reshape", [f"{base}_dequantized", f"{base}_shape"], [f"{base}_unfused"],
-                                           name=f"{base}_Reshape"))
+    if needs_fusion_guard(spec, beside_activations):
+        # A Reshape to its own shape between the DQ and its readers is exact and stops the
+        # match; the shape comes from a Shape node, so the guard stores no bytes.
+        graph.node.extend([
+            helper.make_node("Shape", [f"{base}_dequantized"], [f"{base}_shape"], name=f"{base}_Shape"),
+            helper.make_node("Reshape", [f"{base}_dequantized", f"{base}_shape"], [f"{base}_unfused"],
+                             name=f"{base}_Reshape")])
         return f"{base}_unfused"
     return f"{base}_dequantized"
 
 
+def _packs(spec: QuantSpec, dims) -> bool:
+    """A sub-byte table whose rows pack whole blocks into whole bytes (integers and zero points):
+    insert_gathered_table's packed form then stores exactly the bytes insert_weight does."""
+    per_byte = 8 // container_bits(spec.bits)
+    if per_byte == 1 or spec.block_size is None or len(dims) != 2:
+        return False
+    width, block = dims[1], spec.block_size
+    return width % block == 0 and width % per_byte == 0 and (width // block) % per_byte == 0
+
+
 def gathers_rows(graph, point: QuantPoint) -> list:
     """The Gather nodes of a table whose rows insert_gathered_table can dequantize after the
-    lookup: every reader gathers along axis 0, and the integers are bytes (onnxruntime's Gather
-    takes no int4/int2). [] where the table keeps DequantizeLinear in front of its readers."""
+    lookup: every reader gathers along axis 0, and the integers are bytes or pack into bytes
+    (onnxruntime's Gather takes no int4/int2). [] where the table keeps DequantizeLinear in
+    front of its readers."""
     readers = [n for n in graph.node if point.tensor in n.input]
     rows = [n for n in readers if n.op_type == "Gather" and n.input[0] == point.tensor
             and next((a.i for a in n.attribute if a.name == "axis"), 0) == 0]
-    ok = point.table and point.spec.channel_axis == 0 and container_bits(point.spec.bits) == 8
+    spec = point.spec
+    dims = next((list(t.dims) for t in graph.initializer if t.name == point.tensor), [])
+    bytes_ok = (container_bits(spec.bits) == 8 and spec.block_size is None) or _packs(spec, dims)
+    ok = point.table and spec.channel_axis == 0 and bytes_ok
     return rows if ok and rows and len(rows) == len(readers) else []
 
 
 def insert_gathered_table(graph, point: QuantPoint, quantizer: FakeQuantize, weight, gathers: list, store=None) -> None:
-    """A per-row quantized table read only by Gather: the integer rows are gathered, then
-    dequantized with their own gathered scales (Cast, - zero point, x scale - what
-    DequantizeLinear computes), so an inference touches only the rows it looks up instead of
-    dequantizing the whole table. Scales and zero points are stored as [rows, 1] columns so
-    that the gathered ones broadcast over each row; the bytes are insert_weight's."""
+    """A table read only by Gather: the integer rows are gathered, then dequantized with their
+    own gathered scales (Cast, - zero point, x scale - what DequantizeLinear computes), so an
+    inference touches only the rows it looks up instead of dequantizing the whole table.
+    8-bit: per-row scales and zero points stored as [rows, 1] columns that broadcast over the
+    gathered rows; the bytes are insert_weight's. Sub-byte: see _insert_packed_table."""
+    if container_bits(point.spec.bits) != 8:
+        _insert_packed_table(graph, point, quantizer, weight, gathers, store)
+        return
     base = point.tensor
     scale, zero = _qparam_arrays(quantizer, per_channel=True)
     _store_weight(graph, base, _integers(quantizer, weight), scale.reshape(-1, 1), zero.reshape(-1, 1), store)
@@ -152,6 +173,83 @@ def insert_gathered_table(graph, point: QuantPoint, quantizer: FakeQuantize, wei
             helper.make_node("Sub", [f"{out}_integer_rows", f"{out}_row_zero_float"], [f"{out}_centered_rows"],
                              name=f"{out}_Sub"),
             helper.make_node("Mul", [f"{out}_centered_rows", f"{out}_row_scale"], [out], name=f"{out}_Dequantize")])
+
+
+def _pack(digits: np.ndarray, bits: int) -> np.ndarray:
+    """[rows, n] unsigned digits below 2**bits -> [rows, n / per byte] uint8, lowest digit first."""
+    per_byte = 8 // bits
+    grouped = digits.astype(np.uint8).reshape(digits.shape[0], -1, per_byte)
+    return sum(grouped[..., k] << np.uint8(bits * k) for k in range(per_byte)).astype(np.uint8)
+
+
+def packed_integers(packed: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """The integers of a packed table's bytes (the inverse of _insert_packed_table's packing)."""
+    bits = container_bits(spec.bits)
+    digits = [(packed.astype(np.int32) >> (bits * k)) & (2 ** bits - 1) for k in range(8 // bits)]
+    return np.stack(digits, -1).reshape(packed.shape[0], -1) + spec.qmin
+
+
+def _unpack(graph, base: str, name: str, packed: str, bits: int) -> str:
+    """Nodes turning gathered bytes [..., n] into their digits [..., n, per byte] (float):
+    each digit is r - 2^bits floor(r / 2^bits), exact in float32 for bytes."""
+    graph.node.extend([
+        helper.make_node("Cast", [packed], [f"{name}_bytes"], name=f"{name}_Cast", to=onnx.TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", [f"{name}_bytes", f"{base}_last_axis"], [f"{name}_r0"], name=f"{name}_Unsqueeze")])
+    digits, rest = [], f"{name}_r0"
+    for k in range(8 // bits):
+        high, digit = f"{name}_r{k + 1}", f"{name}_d{k}"
+        graph.node.extend([
+            helper.make_node("Mul", [rest, f"{base}_radix_inverse"], [f"{name}_shifted{k}"], name=f"{name}_Shift{k}"),
+            helper.make_node("Floor", [f"{name}_shifted{k}"], [high], name=f"{name}_Floor{k}"),
+            helper.make_node("Mul", [high, f"{base}_radix"], [f"{name}_high{k}"], name=f"{name}_High{k}"),
+            helper.make_node("Sub", [rest, f"{name}_high{k}"], [digit], name=f"{name}_Digit{k}")])
+        digits.append(digit)
+        rest = high
+    graph.node.append(helper.make_node("Concat", digits, [f"{name}_digits"], name=f"{name}_Digits", axis=-1))
+    return f"{name}_digits"
+
+
+def _insert_packed_table(graph, point: QuantPoint, quantizer: FakeQuantize, weight, gathers: list, store) -> None:
+    """A 4-/2-bit table with block-wise scales along its rows, as bytes that Gather reads.
+    Each row's digits (integer - qmin) are packed two (four) to a byte, the blocks' zero
+    points likewise (as zero point - qmin); after the lookup the bytes are unpacked with
+    float arithmetic and each block is (digit - zero digit) x its scale, which equals
+    DequantizeLinear's (q - zero point) x scale. Stored bytes equal insert_weight's."""
+    spec, base = point.spec, point.tensor
+    bits = container_bits(spec.bits)
+    ints = _integers(quantizer, weight).astype(np.int32)
+    rows, width = ints.shape
+    blocks = width // spec.block_size
+    scale, zero = _qparam_arrays(quantizer, True, (rows, width))
+    _store_weight(graph, base, _pack(ints - spec.qmin, bits), scale,
+                  _pack(zero.astype(np.int32) - spec.qmin, bits), store)
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(2.0 ** bits, np.float32), f"{base}_radix"),
+        numpy_helper.from_array(np.array(2.0 ** -bits, np.float32), f"{base}_radix_inverse"),
+        numpy_helper.from_array(np.array([-1], np.int64), f"{base}_last_axis"),
+        numpy_helper.from_array(np.array([width], np.int64), f"{base}_width"),
+        numpy_helper.from_array(np.array([-1, blocks, spec.block_size], np.int64), f"{base}_block_grid"),
+        numpy_helper.from_array(np.array([-1, blocks, 1], np.int64), f"{base}_block_column")])
+    for gather in gathers:
+        out, ids = gather.output[0], gather.input[1]
+        gather.input[0], gather.output[0] = f"{base}_quantized", f"{out}_packed_rows"
+        graph.node.append(helper.make_node("Gather", [f"{base}_zero_point", ids], [f"{out}_packed_zero"],
+                                           name=f"{out}_GatherZero"))
+        digits = _unpack(graph, base, f"{out}_rows", f"{out}_packed_rows", bits)
+        zeros = _unpack(graph, base, f"{out}_zero", f"{out}_packed_zero", bits)
+        graph.node.extend([
+            helper.make_node("Reshape", [digits, f"{base}_block_grid"], [f"{out}_blocks"], name=f"{out}_Blocks"),
+            helper.make_node("Reshape", [zeros, f"{base}_block_column"], [f"{out}_block_zero"], name=f"{out}_BlockZero"),
+            helper.make_node("Gather", [f"{base}_scale", ids], [f"{out}_row_scale"], name=f"{out}_GatherScale"),
+            helper.make_node("Reshape", [f"{out}_row_scale", f"{base}_block_column"], [f"{out}_block_scale"],
+                             name=f"{out}_BlockScale"),
+            helper.make_node("Sub", [f"{out}_blocks", f"{out}_block_zero"], [f"{out}_centered"], name=f"{out}_Sub"),
+            helper.make_node("Mul", [f"{out}_centered", f"{out}_block_scale"], [f"{out}_values"],
+                             name=f"{out}_Dequantize"),
+            helper.make_node("Shape", [ids], [f"{out}_ids_shape"], name=f"{out}_IdsShape"),
+            helper.make_node("Concat", [f"{out}_ids_shape", f"{base}_width"], [f"{out}_shape"], name=f"{out}_Shape",
+                             axis=0),
+            helper.make_node("Reshape", [f"{out}_values", f"{out}_shape"], [out], name=f"{out}_Rows")])
 
 
 def insert_bias(graph, bias: str, values, quantizer: BiasQuantize) -> str:

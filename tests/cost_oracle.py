@@ -45,7 +45,7 @@ def _shapes_at_batch_one(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
                     raise ValueError(f"{value.name}: only the batch dimension may be symbolic here")
                 dim.dim_value = 1
     del model.graph.value_info[:]
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)  # Shape -> Reshape guards
     shapes = {}
     for value in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
         dims = value.type.tensor_type.shape.dim

@@ -93,11 +93,11 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def hand_weight_bytes(numel: int, channels: int, bits: int, rank: int) -> int:
-    """Packed integers + one float32 scale and one zero point (in the container) per channel;
-    an int2 weight also carries an int64 shape for the Reshape that stops onnxruntime's fusion."""
+def hand_weight_bytes(numel: int, channels: int, bits: int) -> int:
+    """Packed integers + one float32 scale and one zero point (in the container) per channel
+    (an int2 weight's unfusing Reshape takes its shape from a Shape node: no bytes)."""
     c = container(bits)
-    return ceil_div(numel * c, 8) + 4 * channels + ceil_div(channels * c, 8) + (8 * rank if c == 2 else 0)
+    return ceil_div(numel * c, 8) + 4 * channels + ceil_div(channels * c, 8)
 
 
 def hand_activation_bytes(bits: int) -> int:
@@ -117,11 +117,11 @@ def hand_costs(bits: dict[str, int], per_channel: bool = True, fused: bool = Fal
               + MACS_GEMM * bits["w3"] * bits["f"] + MACS_MATMUL * bits["w4"] * bits["s"])
     channels = {"w1": 4, "w2": 4, "w3": 10, "w4": 6} if per_channel else dict.fromkeys(PARAMS, 1)
     size = (BIAS_BYTES
-            + hand_weight_bytes(108, channels["w1"], bits["w1"], 4)  # per output channel: axis 0 of [4,3,3,3]
-            + hand_weight_bytes(36, channels["w2"], bits["w2"], 4)
-            + hand_weight_bytes(640, channels["w3"], bits["w3"], 2)  # Gemm transB: axis 0 of [10,64]
-            + hand_weight_bytes(60, channels["w4"], bits["w4"], 2)  # MatMul: axis 1 of [10,6]
-            + hand_weight_bytes(50, 5, bits["table"], 2)  # Gather table: one scale per row
+            + hand_weight_bytes(108, channels["w1"], bits["w1"])  # per output channel: axis 0 of [4,3,3,3]
+            + hand_weight_bytes(36, channels["w2"], bits["w2"])
+            + hand_weight_bytes(640, channels["w3"], bits["w3"])  # Gemm transB: axis 0 of [10,64]
+            + hand_weight_bytes(60, channels["w4"], bits["w4"])  # MatMul: axis 1 of [10,6]
+            + hand_weight_bytes(50, 5, bits["table"])  # Gather table: one scale per row
             + sum(hand_activation_bytes(bits[a]) for a in ("x", "r1", "f", "s"))
             + (FUSED_BYTES if fused else 0))
     params = sum(PARAMS.values())
@@ -136,9 +136,9 @@ def test_hand_arithmetic_of_the_two_plans():
                                    "avg_wbits": 4.0, "container_wbits": 4.0}
     mixed = hand_costs(MIXED)
     assert mixed["bitops"] == 1728 * 64 + 576 * 8 + 640 * 6 + 60 * 80  # 123840
-    # w1 108+16+4, w2 9+16+1+32 (int2 + shape), w3 320+40+5, w4 60+24+6, table 50+20+5,
+    # w1 108+16+4, w2 9+16+1, w3 320+40+5, w4 60+24+6, table 50+20+5,
     # x 5, r1 4+1+8, f 4+1+8, s 4+2
-    assert mixed["size_bytes"] == 56 + 128 + 58 + 365 + 90 + 75 + 5 + 13 + 13 + 6  # 809
+    assert mixed["size_bytes"] == 56 + 128 + 26 + 365 + 90 + 75 + 5 + 13 + 13 + 6  # 777
     assert mixed["avg_wbits"] == pytest.approx((108 * 8 + 36 * 2 + 640 * 3 + 60 * 5) / 844)
     assert mixed["container_wbits"] == pytest.approx((108 * 8 + 36 * 2 + 640 * 4 + 60 * 8) / 844)
 

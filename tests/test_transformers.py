@@ -42,12 +42,12 @@ def _quantize(encoder, tmp_path, config: QuantConfig, method="rtn", name="q.onnx
 
 
 def _word_table(model: onnx.ModelProto):
-    """The word table's stored integers and per-row scales, and the node that reads them: a
-    Gather of the integer rows (8-bit: rows dequantized after the lookup) or the
-    DequantizeLinear a Gather reads (sub-byte tables: onnxruntime's Gather takes no int4)."""
+    """The word table's stored integers and scales, and the node that reads them: a Gather of
+    the integer rows (8-bit, and sub-byte rows that pack into bytes: rows dequantized after the
+    lookup) or the DequantizeLinear a Gather reads (other sub-byte tables)."""
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     reader = next(n for n in model.graph.node if n.op_type in ("Gather", "DequantizeLinear")
-                  and n.input[0] in inits and inits[n.input[0]].shape == (VOCAB, HIDDEN))
+                  and n.input[0] in inits and inits[n.input[0]].shape[0] == VOCAB and n.input[0].endswith("_quantized"))
     name = reader.input[0].removesuffix("_quantized")
     return inits[reader.input[0]], inits[f"{name}_scale"], reader
 
@@ -61,26 +61,34 @@ def test_embedding_tables_are_weight_only_per_row_and_never_tuned(encoder):
     for name in tables:
         point = points[name]
         assert point.kind == "weight" and point.table and point.fixed
-        assert point.spec.bits == 8 and point.spec.channel_axis == 0  # one scale per row
+        assert point.spec.bits == 8 and point.spec.channel_axis == 0 and point.spec.block_size is None  # one per row
     assert not tables & {p.tensor for p in place(model, QuantConfig.of(embedding_bits=None))}
-    assert {p.spec.bits for p in place(model, QuantConfig.of(embedding_bits=4)) if p.table} == {4}
+    narrow = [p.spec for p in place(model, QuantConfig.of(embedding_bits=4, weight_block=16)) if p.table]
+    assert {(s.bits, s.channel_axis, s.block_size) for s in narrow} == {(4, 0, 16)}  # blocks along each row
 
 
-@pytest.mark.parametrize("bits,dtype", [(8, "int8"), (4, "int4")])
-def test_exported_tables_are_rounded_rows_and_run_at_other_shapes(encoder, tmp_path, bits, dtype):
-    model = _quantize(encoder, tmp_path, QuantConfig.of(wbits=8, abits=8, embedding_bits=bits), method="qdrop")
+@pytest.mark.parametrize("bits,block,form", [(8, None, "int8 rows"), (4, 16, "packed bytes"),
+                                             (4, None, "block DequantizeLinear")])
+def test_exported_tables_are_rounded_rows_and_run_at_other_shapes(encoder, tmp_path, bits, block, form):
+    config = QuantConfig.of(wbits=8, abits=8, embedding_bits=bits, weight_block=block)
+    model = _quantize(encoder, tmp_path, config, method="qdrop")
     ints, scale, reader = _word_table(model)
-    assert ints.shape[0] == scale.shape[0] and str(ints.dtype) == dtype  # per row
-    if bits == 8:  # the lookup reads the integers; only the gathered rows are dequantized
-        assert reader.op_type == "Gather" and scale.shape == (VOCAB, 1)
+    if form == "int8 rows":  # the lookup reads the integers; only the gathered rows are dequantized
+        assert reader.op_type == "Gather" and scale.shape == (VOCAB, 1) and ints.dtype == np.int8
         assert not any(n.op_type == "DequantizeLinear" and n.input[0] == reader.input[0] for n in model.graph.node)
-    else:
-        assert reader.op_type == "DequantizeLinear" and next(a.i for a in reader.attribute if a.name == "axis") == 0
-    scale = scale.reshape(-1)
+    elif form == "packed bytes":  # two 4-bit digits a byte, one scale per 16 of a row
+        assert reader.op_type == "Gather" and ints.dtype == np.uint8 and ints.shape == (VOCAB, HIDDEN // 2)
+        assert scale.shape == (VOCAB, HIDDEN // 16)
+        digits = [(ints.astype(np.int64) >> shift) & 15 for shift in (0, 4)]  # low nibble first
+        ints = np.stack(digits, -1).reshape(VOCAB, HIDDEN) - 8  # digits are the integers - qmin
+    else:  # TABLE_BLOCK 32 = HIDDEN: one block a row, which does not pack into whole bytes
+        assert reader.op_type == "DequantizeLinear" and str(ints.dtype) == "int4"
+        assert next(a.i for a in reader.attribute if a.name == "block_size") == 32 and scale.shape == (VOCAB, 1)
     table = next(numpy_helper.to_array(t) for t in onnx.load(str(encoder)).graph.initializer
                  if tuple(t.dims) == (VOCAB, HIDDEN))
+    per_element = np.repeat(scale, HIDDEN // scale.shape[1], axis=1)
     limit = 2 ** (bits - 1)
-    nearest = np.clip(np.round(table / scale[:, None]), -limit, limit - 1)
+    nearest = np.clip(np.round(table / per_element), -limit, limit - 1)
     np.testing.assert_array_equal(ints.astype(np.int64), nearest)  # qdrop ran, yet the table is not tuned
     float_sess = ort.InferenceSession(str(encoder), providers=["CPUExecutionProvider"])
     quant_sess = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])

@@ -198,7 +198,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smooth", type=float, help="SmoothQuant alpha (QuantConfig.smooth)")
     ap.add_argument("--weight-block", type=int, help="MatMul/Gemm weights block-wise (with W4A32: weight-only)")
     ap.add_argument("--runtime", default="generic", help="runtime profile (docs/runtimes.md)")
-    ap.add_argument("--quantize-attention", action="store_true")
+    ap.add_argument("--quantize-attention", action=argparse.BooleanOptionalAction,
+                    help="attention MatMuls quantized or float (default: where the runtime fuses them)")
     ap.add_argument("--quantize-add", action="store_true")
     ap.add_argument("--granularity", default="block", help="reconstruction unit (block: attention / FFN sub-layers)")
     ap.add_argument("--block-layers", type=int, default=6, help="with --granularity stage 2: one encoder layer per block")
@@ -217,7 +218,7 @@ def main(argv=None) -> int:
         options = [flag for flag, given in ((f"--smooth {args.smooth}", args.smooth),
                                             (f"--weight-block {args.weight_block}", args.weight_block),
                                             (f"--runtime {args.runtime}", args.runtime != "generic"),
-                                            ("--quantize-attention", args.quantize_attention),
+                                            (f"--{'' if args.quantize_attention else 'no-'}quantize-attention", args.quantize_attention is not None),
                                             ("--quantize-add", args.quantize_add),
                                             (f"--granularity {args.granularity} --block-layers {args.block_layers}",
                                              (args.granularity, args.block_layers) != ("block", 6))) if given]
@@ -236,7 +237,7 @@ def main(argv=None) -> int:
             for emb_bits in args.embedding_bits:
                 out = work / f"{bits}_{args.method}_e{emb_bits}.onnx"
                 config = QuantConfig.of(wbits=wbits, abits=abits, embedding_bits=emb_bits or None,
-                                        quantize_act_matmul=args.quantize_attention or None, quantize_add=args.quantize_add,
+                                        quantize_act_matmul=args.quantize_attention, quantize_add=args.quantize_add,
                                         smooth=args.smooth, weight_block=args.weight_block, runtime=args.runtime)
                 started = time.perf_counter()
                 recon = ReconConfig.preset("fast", method=args.method, iters=args.iters, calib_size=args.calib_size,

@@ -24,7 +24,7 @@ import onnx
 import torch
 
 from ..mirror import Mirror
-from ..qdq import activation_storage_bytes, bias_storage_bytes, weight_storage_bytes
+from ..qdq import activation_storage_bytes, bias_storage_bytes, packed_integers, weight_storage_bytes
 from ..quant.bits import BitPlan
 from ..quant.fake_quant import FakeQuantize, quantizers_disabled
 from ..quant.policy import COMPUTE_OPS, QuantPoint, operands
@@ -147,9 +147,11 @@ def file_costs(model: onnx.ModelProto, cost_model: CostModel, plan: BitPlan) -> 
         if point.kind != "weight" or plan.bits[tensor] == FLOAT_BITS:
             continue
         ints = tensor_array(inits[f"{tensor}_quantized"])  # int8/uint8 as stored (mapped, for a big model)
+        spec = replace(point.spec, bits=plan.bits[tensor])
         if ints.dtype.kind not in "iu":  # ml_dtypes' int4/int2 as a numpy integer type
             ints = ints.astype(np.int16)
-        spec = replace(point.spec, bits=plan.bits[tensor])
+        elif ints.dtype == np.uint8 and container_bits(spec.bits) < 8:  # a table packed into bytes
+            ints = packed_integers(ints, spec)
         if int(ints.min(initial=spec.qmin)) < spec.qmin or int(ints.max(initial=spec.qmax)) > spec.qmax:
             raise ValueError(f"{tensor}: stored integers exceed the {spec.bits}-bit range")
     costs = cost_model.evaluate(plan)

@@ -113,7 +113,7 @@ def _quantize_weight(graph: onnx.GraphProto, node: onnx.NodeProto, index: int, i
     if transpose:
         untranspose(node)
     return insert_weight(graph, QuantPoint(init.name, "weight", spec, [node.name]), quantizer, weight,
-                         transpose=transpose)
+                         transpose=transpose, beside_activations=not weight_only)
 
 
 

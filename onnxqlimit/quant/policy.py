@@ -176,7 +176,7 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
         for node in graph.node:
             if node.op_type == "Gather" and not _matches(placement.exclude, node):
                 bits = next((w for p, w, _ in reversed(widths.overrides) if _matches([p], node)), widths.embedding_bits)
-                _add_table(node, inits, weights, scheme.weight_symmetric, bits)
+                _add_table(node, inits, weights, scheme.weight_symmetric, bits, scheme.weight_block or TABLE_BLOCK)
 
     extra_ops = {"Add"} if placement.quantize_add else set()
     extra_ops |= {"Concat"} if placement.quantize_concat else set()
@@ -318,9 +318,16 @@ def _integer_elementwise(graph, acts: dict[str, QuantPoint], added: dict[str, Qu
         added[out] = QuantPoint(out, "activation", QuantSpec(bits, act_symmetric), [], True, output_of=node.name)
 
 
-def _add_table(node: onnx.NodeProto, inits, weights: dict[str, QuantPoint], symmetric: bool, bits: int) -> None:
+# Rows of a table narrower than a byte get one scale per block of this many elements: one
+# scale per 384-wide MiniLM row at 4 bits costs 0.02 of embedding cosine (0.9995 -> 0.9777).
+TABLE_BLOCK = 32
+
+
+def _add_table(node: onnx.NodeProto, inits, weights: dict[str, QuantPoint], symmetric: bool, bits: int,
+               block: int) -> None:
     """A float table of rank >= 2 gathered by runtime indices: one scale per gathered slice
-    (per row for an embedding), so a row's error does not depend on the largest row."""
+    (per row for an embedding), so a row's error does not depend on the largest row; below
+    8 bits, one per `block` elements of a row of a 2-D table."""
     name = node.input[0]
     table = inits.get(name)
     if table is None or table.data_type not in _FLOAT_TYPES or len(table.dims) < 2 or node.input[1] in inits:
@@ -329,7 +336,8 @@ def _add_table(node: onnx.NodeProto, inits, weights: dict[str, QuantPoint], symm
         weights[name].consumers.append(node.name)
         return
     axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % len(table.dims)
-    spec = QuantSpec(bits, symmetric, axis)
+    blocked = bits < 8 and len(table.dims) == 2 and axis == 0
+    spec = QuantSpec(bits, symmetric, axis, block if blocked else None)
     weights[name] = QuantPoint(name, "weight", spec, [node.name], fixed=True, table=True)
 
 
