@@ -72,7 +72,8 @@ def export_qdq(model: onnx.ModelProto, mirror: Mirror, state: QuantState,
         if point.kind == "weight":
             transpose = _weight_only_gemm(readers, point, quantizers)
             beside = any(t in quantized_acts for node, _ in readers for t in node.input[:2])
-            new_name = insert_weight(graph, point, quantizer, mirror.initializer(point.tensor), store, transpose, beside)
+            new_name = insert_weight(graph, point, quantizer, mirror.initializer(point.tensor), store, transpose,
+                                     beside)
         else:
             new_name = insert_activation(graph, point, quantizer)
         for node, index in readers:

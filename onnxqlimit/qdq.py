@@ -194,7 +194,8 @@ def _unpack(graph, base: str, name: str, packed: str, bits: int) -> str:
     each digit is r - 2^bits floor(r / 2^bits), exact in float32 for bytes."""
     graph.node.extend([
         helper.make_node("Cast", [packed], [f"{name}_bytes"], name=f"{name}_Cast", to=onnx.TensorProto.FLOAT),
-        helper.make_node("Unsqueeze", [f"{name}_bytes", f"{base}_last_axis"], [f"{name}_r0"], name=f"{name}_Unsqueeze")])
+        helper.make_node("Unsqueeze", [f"{name}_bytes", f"{base}_last_axis"], [f"{name}_r0"],
+                         name=f"{name}_Unsqueeze")])
     digits, rest = [], f"{name}_r0"
     for k in range(8 // bits):
         high, digit = f"{name}_r{k + 1}", f"{name}_d{k}"
@@ -239,7 +240,8 @@ def _insert_packed_table(graph, point: QuantPoint, quantizer: FakeQuantize, weig
         zeros = _unpack(graph, base, f"{out}_zero", f"{out}_packed_zero", bits)
         graph.node.extend([
             helper.make_node("Reshape", [digits, f"{base}_block_grid"], [f"{out}_blocks"], name=f"{out}_Blocks"),
-            helper.make_node("Reshape", [zeros, f"{base}_block_column"], [f"{out}_block_zero"], name=f"{out}_BlockZero"),
+            helper.make_node("Reshape", [zeros, f"{base}_block_column"], [f"{out}_block_zero"],
+                             name=f"{out}_BlockZero"),
             helper.make_node("Gather", [f"{base}_scale", ids], [f"{out}_row_scale"], name=f"{out}_GatherScale"),
             helper.make_node("Reshape", [f"{out}_row_scale", f"{base}_block_column"], [f"{out}_block_scale"],
                              name=f"{out}_BlockScale"),

@@ -218,7 +218,8 @@ def main(argv=None) -> int:
         options = [flag for flag, given in ((f"--smooth {args.smooth}", args.smooth),
                                             (f"--weight-block {args.weight_block}", args.weight_block),
                                             (f"--runtime {args.runtime}", args.runtime != "generic"),
-                                            (f"--{'' if args.quantize_attention else 'no-'}quantize-attention", args.quantize_attention is not None),
+                                            (f"--{'' if args.quantize_attention else 'no-'}quantize-attention",
+                                             args.quantize_attention is not None),
                                             ("--quantize-add", args.quantize_add),
                                             (f"--granularity {args.granularity} --block-layers {args.block_layers}",
                                              (args.granularity, args.block_layers) != ("block", 6))) if given]
