@@ -29,9 +29,10 @@ def needs_fusion_guard(spec: QuantSpec, beside_activations: bool) -> bool:
     that cannot take it, making the file fail: DQ(weight) -> Conv/Gemm/MatMul with 8-bit
     activations becomes QLinearConv & co. without a check of the weight type (int2: session
     creation fails with INVALID_GRAPH) or of its scales' shape (block-wise int8:
-    MatMulIntegerToFloat fails at run time)."""
+    MatMulIntegerToFloat fails at run time). Weight-only (no quantized activations beside
+    it), the weight stays free to fuse into MatMulNBits."""
     container = container_bits(spec.bits)
-    return container == 2 or (beside_activations and container == 8 and spec.block_size is not None)
+    return beside_activations and (container == 2 or (container == 8 and spec.block_size is not None))
 
 
 def weight_storage_bytes(spec: QuantSpec, shape: tuple[int, ...]) -> int:

@@ -176,14 +176,16 @@ def test_a_smoothed_quantized_encoder_keeps_parity_and_smooth_is_validated(encod
             QuantConfig.of(smooth=bad)
 
 
-@pytest.mark.parametrize("method", ["rtn", "qdrop"])
-def test_weight_only_block_wise_matmuls_run_as_matmulnbits(encoder, tmp_path, method):
-    """--abits none --weight-block 32: MatMul weights as int4 with one scale per 32 inputs of
-    each output channel (DequantizeLinear block_size, opset 21), activations left float, so
-    onnxruntime runs every weight MatMul as MatMulNBits; the file passes parity as written."""
+@pytest.mark.parametrize("method,wbits", [("rtn", 4), ("qdrop", 4), ("rtn", 2)])
+def test_weight_only_block_wise_matmuls_run_as_matmulnbits(encoder, tmp_path, method, wbits):
+    """--abits none --weight-block 32: MatMul weights as int4 (int2) with one scale per 32
+    inputs of each output channel (DequantizeLinear block_size, opset 21 (25)), activations
+    left float, so onnxruntime runs every weight MatMul as MatMulNBits (int2 too: the fusion
+    guard stands only beside quantized activations); the file passes parity as written."""
     from onnxqlimit.runtime import check_runtime
 
-    model = _quantize(encoder, tmp_path, QuantConfig.of(wbits=4, abits=32, weight_block=32), method=method)
+    config = QuantConfig.of(wbits=wbits, abits=32, weight_block=32, first_last_bits=None if wbits == 2 else 8)
+    model = _quantize(encoder, tmp_path, config, method=method)
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     assert not any(n.op_type == "QuantizeLinear" for n in model.graph.node)  # weight-only
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
