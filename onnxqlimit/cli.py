@@ -202,9 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bits of tables read by Gather (embeddings), weight-only per row; 0 leaves them float (default 8)")
     q.add_argument("--smooth", type=float, metavar="ALPHA",
                    help="SmoothQuant: migrate activation outliers into MatMul/Gemm weights with strength ALPHA (0-1, e.g. 0.5)")
-    q.add_argument("--shift", action="store_true",
-                   help="Outlier Suppression+: centre each MatMul/Gemm input channel, the bias absorbs it (helps "
-                        "symmetric activations: --runtime tensorrt)")
     q.add_argument("--exclude", action="append", default=[], metavar="NAME_OR_REGEX", help="leave matching nodes float (repeatable)")
     q.add_argument("--bits", default="", metavar="NAME_OR_REGEX=W/A,...", help="per-node bit overrides")
     q.add_argument("--weight-init", choices=WEIGHT_OBSERVERS, default="mse", help="weight range observer (default mse)")
@@ -264,7 +261,7 @@ def build_configs(args: argparse.Namespace) -> tuple[QuantConfig, RunOptions]:
                percentile=args.percentile, weight_block=args.weight_block),
         Placement(quantize_add=args.quantize_add, quantize_concat=args.quantize_concat,
                   quantize_act_matmul=args.quantize_attention, exclude=tuple(args.exclude)),
-        smooth=args.smooth, runtime=args.runtime, shift=args.shift)
+        smooth=args.smooth, runtime=args.runtime)
     recon = ReconConfig.preset(args.preset, method=args.method, iters=args.iters, calib_size=args.calib_size,
                                batch_size=args.batch_size, early_stop=False if args.no_early_stop else None,
                                granularity=args.granularity, max_layers=args.block_layers, loss=args.loss,

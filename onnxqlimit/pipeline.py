@@ -47,7 +47,7 @@ from .recon import ReconResult, reconstruct
 from .recon.checkpoint import Checkpoints, run_key
 from .report import Report, build_report
 from .runtime import RuntimeCheck, check_runtime
-from .smooth import candidates, channel_range, smooth
+from .smooth import candidates, channel_max, smooth
 from .state import QuantState
 
 log = logging.getLogger("onnxqlimit")
@@ -163,9 +163,9 @@ def prepare(model, calibration, config: QuantConfig | None = None, options: RunO
     eval_data = load_eval_data(options.eval_data, loaded) if options.eval_data else None
     ctx = Context(config, options, device, original, loaded, mirror, {k: v[:calib_size] for k, v in feeds.items()},
                   {k: v[calib_size:] for k, v in feeds.items()}, eval_data, uses_external_data(model), plan_entries)
-    if config.smooth is not None or config.shift:  # outlier channels into the float weights (smooth.py)
-        ranges = channel_range(mirror, iter(ctx.batches()), list(candidates(loaded)))
-        ctx.model = smooth(loaded, ranges, config.smooth, config.shift)
+    if config.smooth is not None:  # outlier channels migrated into the float weights (smooth.py)
+        act_max = channel_max(mirror, iter(ctx.batches()), list(candidates(loaded)))
+        ctx.model = smooth(loaded, act_max, config.smooth)
         ctx.mirror = Mirror(ctx.model).to(device)
     return ctx
 

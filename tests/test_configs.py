@@ -46,7 +46,6 @@ FLAGS = [
     (["--no-quantize-attention"], {"config.placement.quantize_act_matmul": False}),
     (["--exclude", "a", "--exclude", "b.*"], {"config.placement.exclude": ("a", "b.*")}),
     (["--smooth", "0.5"], {"config.smooth": 0.5}),
-    (["--shift"], {"config.shift": True}),
     (["--method", "brecq"], {"recon.method": "brecq"}),
     (["--preset", "paper"], PAPER),
     (["--preset", "paper", "--iters", "50"], {**PAPER, "recon.iters": 50}),

@@ -196,7 +196,6 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int)
     ap.add_argument("--ort", action="store_true", help="also onnxruntime quantize_static (W8A8, W4A8, W4A4 only)")
     ap.add_argument("--smooth", type=float, help="SmoothQuant alpha (QuantConfig.smooth)")
-    ap.add_argument("--shift", action="store_true", help="Outlier Suppression+ channel shift (QuantConfig.shift)")
     ap.add_argument("--weight-block", type=int, help="MatMul/Gemm weights block-wise (with W4A32: weight-only)")
     ap.add_argument("--runtime", default="generic", help="runtime profile (docs/runtimes.md)")
     ap.add_argument("--quantize-attention", action=argparse.BooleanOptionalAction,
@@ -216,7 +215,7 @@ def main(argv=None) -> int:
               f"{len(trip['input_ids']) // 3} triplets")
         src = export(work / f"minilm_{args.exporter}.onnx", args.exporter)
         score = scorer(src, held, trip)
-        options = [flag for flag, given in ((f"--smooth {args.smooth}", args.smooth), ("--shift", args.shift),
+        options = [flag for flag, given in ((f"--smooth {args.smooth}", args.smooth),
                                             (f"--weight-block {args.weight_block}", args.weight_block),
                                             (f"--runtime {args.runtime}", args.runtime != "generic"),
                                             (f"--{'' if args.quantize_attention else 'no-'}quantize-attention",
@@ -240,8 +239,7 @@ def main(argv=None) -> int:
                 out = work / f"{bits}_{args.method}_e{emb_bits}.onnx"
                 config = QuantConfig.of(wbits=wbits, abits=abits, embedding_bits=emb_bits or None,
                                         quantize_act_matmul=args.quantize_attention, quantize_add=args.quantize_add,
-                                        smooth=args.smooth, weight_block=args.weight_block, runtime=args.runtime,
-                                        shift=args.shift)
+                                        smooth=args.smooth, weight_block=args.weight_block, runtime=args.runtime)
                 started = time.perf_counter()
                 recon = ReconConfig.preset("fast", method=args.method, iters=args.iters, calib_size=args.calib_size,
                                            granularity=args.granularity, max_layers=args.block_layers)

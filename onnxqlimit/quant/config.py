@@ -95,18 +95,16 @@ class QuantConfig:
     placement: Placement = field(default_factory=Placement)
     smooth: float | None = None  # SmoothQuant migration strength (alpha) for MatMul/Gemm inputs; None: off
     runtime: str = "generic"  # the runtime profile (runtimes.py) the file is written for
-    shift: bool = False  # Outlier Suppression+ channel centring of MatMul/Gemm inputs (smooth.py)
 
     @classmethod
-    def of(cls, smooth: float | None = None, runtime: str = "generic", shift: bool = False,
-           **settings) -> QuantConfig:
+    def of(cls, smooth: float | None = None, runtime: str = "generic", **settings) -> QuantConfig:
         """A config from flat keywords, each given to the part that owns it:
         `QuantConfig.of(wbits=4, abits=4, exclude=("head",), act_init="minmax")`."""
         parts = [part(**{f.name: settings.pop(f.name) for f in fields(part) if f.name in settings})
                  for part in (Widths, Scheme, Placement)]
         if settings:
             raise TypeError(f"QuantConfig.of: no setting named {', '.join(sorted(settings))}")
-        return cls(*parts, smooth=smooth, runtime=runtime, shift=shift)
+        return cls(*parts, smooth=smooth, runtime=runtime)
 
     def __post_init__(self):
         if self.smooth is not None and not 0.0 < self.smooth < 1.0:
