@@ -96,6 +96,27 @@ def test_qnn_a16_files_hold_uint16_activations_and_symmetric_weights(tmp_path, w
     assert len(biases) == sum(n.op_type in COMPUTE for n in model.graph.node)  # A16W4 / A16W8: int32 biases
 
 
+def test_qnn_files_quantize_every_tensor_a_node_reads_as_data(tmp_path):
+    """HTP runs QDQ node units: every float input of every node comes out of a DequantizeLinear
+    (residual Adds, pooling, Flatten too), parameters and int32 biases aside."""
+    from onnxqlimit.quant.policy import PARAMETER_INPUTS, UNQUANTIZED_READERS
+
+    model = _quantize(tmp_path, "--runtime", "qnn", "--abits", "16")
+    inits, producer, _, _, _ = _walk(model)
+    checked = 0
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear", *UNQUANTIZED_READERS):
+            continue
+        for index, tensor in enumerate(node.input):
+            if tensor and index not in PARAMETER_INPUTS.get(node.op_type, ()):
+                assert _fed_by(producer, tensor, "DequantizeLinear"), (node.name, tensor)
+                checked += 1
+    assert checked > 3 * sum(n.op_type in COMPUTE for n in model.graph.node)
+    generic = {n.input[0] for n in _quantize(tmp_path, "--abits", "16").graph.node if n.op_type == "QuantizeLinear"}
+    qnn = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert generic < qnn  # the generic profile quantizes only where a runtime fuses
+
+
 @pytest.mark.parametrize("runtime,flags,message", [
     ("ort-cpu", ["--wbits", "4"], "runtime profile 'ort-cpu' cannot run W4A8"),
     ("tensorrt", ["--abits", "4"], "runtime profile 'tensorrt' cannot run W8A4"),

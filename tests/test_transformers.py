@@ -112,6 +112,29 @@ def test_tables_shrink_the_file_and_stay_out_of_average_weight_bits(encoder, tmp
     assert costs[8]["avg_wbits"] == costs[None]["avg_wbits"] == 4.0  # 8-bit tables do not count as layer bits
 
 
+def test_qnn_quantizes_every_tensor_but_the_attention_mask(encoder, tmp_path):
+    """--runtime qnn: LayerNorm's input, scale and bias all come out of DequantizeLinear (the
+    constants as uint16, like activations); the mask arithmetic and the masked scores stay
+    float (a -3.4e38 mask in a quantized tensor would zero every real score); the file keeps
+    parity and its embedding within 0.999 cosine of float."""
+    model = _quantize(encoder, tmp_path, QuantConfig.of(wbits=8, abits=16, runtime="qnn"))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name: t for t in model.graph.initializer}
+    dequantized = lambda t: t in producer and producer[t].op_type == "DequantizeLinear"
+    norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+    assert norms and all(dequantized(t) for n in norms for t in n.input)
+    assert all(inits[producer[n.input[1]].input[0]].data_type == onnx.TensorProto.UINT16 for n in norms)
+    softmax = [n for n in model.graph.node if n.op_type == "Softmax"]
+    assert softmax and not any(dequantized(n.input[0]) for n in softmax)  # scores + mask: float
+    readers = {t: [r for r in model.graph.node if t in r.input] for n in softmax for t in n.output}
+    assert all(r.op_type == "QuantizeLinear" for n in softmax for r in readers[n.output[0]])  # probabilities: uint16
+    feeds = token_feeds(np.random.default_rng(4), 2, 12)
+    ref = ort.InferenceSession(str(encoder), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    cos = (ref * got).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1))
+    assert cos.min() > 0.999, cos.min()
+
+
 def test_smoothing_keeps_the_float_function_and_flattens_what_is_quantized(encoder):
     from onnxqlimit.load import load_model
     from onnxqlimit.mirror import Mirror

@@ -38,7 +38,8 @@ class QuantPoint:
     spec: QuantSpec
     consumers: list[str] = field(default_factory=list)  # names of the nodes whose input it is
     fixed: bool = False  # width set by the user (--bits) or the first/last rule: a search keeps it
-    table: bool = False  # a Gather table: rounded to nearest, never tuned, fixed width, not in avg_wbits
+    table: bool = False  # a constant rounded to nearest, never tuned, fixed width, not in avg_wbits: a Gather
+    # table, or (runtimes that quantize every tensor) a constant operand such as a LayerNorm scale
     output_of: str | None = None  # an output Q/DQ that lets the runtime fuse this compute node (fused form)
     bias: tuple[str, str] | None = None  # weight only: (bias, activation input) of its layer, the bias
     # stored as int32 with scale = activation scale x this weight's scale (fused form)
@@ -189,7 +190,11 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
             for tensor in inputs:
                 add_act(tensor, abits, fixed, node)
     outputs_added = _fused_form(graph, compute, weights, acts, float_acts, runtime.fused_bits, scheme.act_symmetric)
-    return list(weights.values()) + list(acts.values()) + outputs_added
+    points = list(weights.values()) + list(acts.values()) + outputs_added
+    if runtime.quantize_all:
+        points += _every_tensor(graph, points, float_acts, lambda node: bits_for(node)[1], placement.exclude,
+                                scheme.act_symmetric)
+    return points
 
 
 def _single_reader(tensor: str, readers, outputs: set[str], ops: tuple[str, ...]) -> onnx.NodeProto | None:
@@ -316,6 +321,61 @@ def _integer_elementwise(graph, acts: dict[str, QuantPoint], added: dict[str, Qu
             continue
         bits = max(p.spec.bits for p in points)
         added[out] = QuantPoint(out, "activation", QuantSpec(bits, act_symmetric), [], True, output_of=node.name)
+
+
+# Inputs that set parameters rather than carry data (onnxruntime's QDQ quantizer leaves them
+# float too), readers that look only at a tensor's shape, and ops left out as onnxruntime's
+# get_qnn_qdq_config leaves them out.
+PARAMETER_INPUTS = {"Resize": (1, 2, 3), "Upsample": (1,), "Clip": (1, 2), "Pad": (1, 2, 3), "Pow": (1,),
+                    "Dropout": (1, 2), "Conv": (2,), "ConvTranspose": (2,), "Gemm": (2,)}
+UNQUANTIZED_READERS = ("Shape", "Size", "Cast")
+
+
+def _every_tensor(graph, points: list[QuantPoint], float_acts: set[str], abits, exclude,
+                  act_symmetric: bool) -> list[QuantPoint]:
+    """Points on every float tensor a node reads as data, beyond `points` (runtimes that run a
+    graph only in whole QDQ node units: QNN HTP). Activations at the reader's width (`abits`
+    of a node); constant operands (LayerNorm scale and bias, an Add's constant) per tensor at
+    the activation width, asymmetric, rounded to nearest, as onnxruntime's QNN configuration
+    writes them. Left float: graph outputs (a Q/DQ there would rename them), tensors computed
+    from integer inputs alone (an attention mask's arithmetic) and the outputs of nodes that
+    read one - a -3.4e38 mask inside a quantized tensor would set every real score to zero -
+    and a layer's bias that is not int32."""
+    inits = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    taken = {p.tensor for p in points} | {p.bias[0] for p in points if p.bias is not None}
+    data = {i.name for i in graph.input if i.name in float_acts} | {p.tensor for p in points if p.kind == "weight"}
+    masked: set[str] = set()  # data computed with a mask: left float
+    new: dict[str, QuantPoint] = {}
+    for node in graph.node:
+        inputs = [t for t in node.input if t]
+        if not any(t in data for t in inputs):
+            continue  # no data flows here (shapes, masks)
+        mask_fed = any(t in float_acts and t not in data and t not in inits for t in inputs)
+        data.update(node.output)
+        if mask_fed:
+            masked.update(node.output)
+        if node.op_type in UNQUANTIZED_READERS or _matches(exclude, node):
+            continue
+        bits = abits(node)
+        for index, tensor in enumerate(node.input):
+            if not tensor or tensor in taken or tensor in outputs or index in PARAMETER_INPUTS.get(node.op_type, ()):
+                continue
+            constant = inits.get(tensor)
+            if constant is not None and constant.data_type not in _FLOAT_TYPES:
+                continue
+            if constant is None and (tensor not in data or tensor in masked or tensor not in float_acts):
+                continue
+            point = new.get(tensor)
+            if point is None:
+                kind = "weight" if constant is not None else "activation"
+                spec = QuantSpec(bits, False if constant is not None else act_symmetric)
+                new[tensor] = QuantPoint(tensor, kind, spec, [node.name], True, table=constant is not None)
+            else:
+                point.consumers.append(node.name)
+                if bits > point.spec.bits:
+                    point.spec = QuantSpec(bits, point.spec.symmetric)
+    return list(new.values())
 
 
 # Rows of a table narrower than a byte get one scale per block of this many elements: one

@@ -18,7 +18,8 @@ optimized graph of small files (tests/test_runtime.py):
 - tensorrt: explicit quantization accepts Q/DQ with zero point 0 only: int8 symmetric
   activations and weights (per-channel weights).
 - qnn (Qualcomm HTP): uint8/uint16 activations with zero points, symmetric int8/int4
-  per-channel weights, int32 biases - as onnxruntime's
+  per-channel weights, int32 biases, and Q/DQ on every tensor (HTP runs QDQ node units;
+  what is left float falls back to the CPU) - as onnxruntime's
   `execution_providers.qnn.get_qnn_qdq_config` writes them (A16W8, A16W4 are its accurate
   configurations).
 """
@@ -64,6 +65,7 @@ class RuntimeProfile:
     fused_bits: tuple[int, ...] = (8,)  # layers whose weights and inputs are all at these widths get
     # output Q/DQ (at their input's width) and int32 biases: the fused form
     ops: Mapping[str, OpRule] | None = None  # per compute op; None: every supported width
+    quantize_all: bool = False  # Q/DQ on every float tensor read as data (the runtime runs whole QDQ node units)
     # the widths a search chooses from unless told (FLOAT_BITS: weight-only, or a float layer)
     wbits_choices: tuple[int, ...] = DEFAULT_WBITS_CHOICES
     abits_choices: tuple[int, ...] = DEFAULT_ABITS_CHOICES
@@ -126,7 +128,7 @@ PROFILES: dict[str, RuntimeProfile] = {p.name: p for p in (
                    wbits_choices=(4, 8, FLOAT_BITS), abits_choices=(8, FLOAT_BITS)),
     RuntimeProfile("qnn", "Qualcomm QNN HTP: uint8/uint16 activations, symmetric int8/int4 per-channel weights",
                    act_symmetric=False, weight_symmetric=True, weight_per_channel=True, fused_bits=(4, 8, 16),
-                   ops={op: _QNN for op in COMPUTE}, wbits_choices=(4, 8), abits_choices=(8, 16)),
+                   ops={op: _QNN for op in COMPUTE}, quantize_all=True, wbits_choices=(4, 8), abits_choices=(8, 16)),
 )}
 RUNTIMES = tuple(PROFILES)
 
