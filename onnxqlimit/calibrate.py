@@ -94,4 +94,33 @@ def calibrate(mirror: Mirror, points: list[QuantPoint], quantizers: Mapping[str,
             mirror.set_hook(name, quantizers[name])
     for point in acts:
         quantizers[point.tensor].set_qparams(*calibration.qparams(point, point.spec.bits))
+    fit_bias_scales(points, quantizers, mirror)
     return calibration
+
+
+# An int32 bias (scale = activation x weight scale) overflows where a weight channel is dead
+# (all zeros get the smallest scale, 1e-35) or nearly so, or the activation is 16-bit:
+# PP-OCRv4 rec saturated 23 of 16669 bias channels at W8A8, 34 at A16W8. The weight scale of
+# such a channel is raised until its bias fits with a 2x margin (for activation scales learned
+# later), as onnxruntime's quantizer does; the channel's weights then round to ~0, as they are.
+BIAS_LIMIT = 2.0 ** 30
+
+
+def fit_bias_scales(points: list[QuantPoint], quantizers: Mapping[str, FakeQuantize], mirror: Mirror) -> int:
+    """Raise weight scales where the layer's int32 bias would overflow; the channels raised."""
+    raised = 0
+    for point in points:
+        if point.bias is None or point.bias[1] not in quantizers:
+            continue
+        weight, act = quantizers[point.tensor], quantizers[point.bias[1]]
+        if weight.spec.is_float or act.spec.is_float:
+            continue
+        bias = mirror.initializer(point.bias[0]).detach().float().abs().reshape(-1).to(weight.scale.device)
+        floor = bias / (act.scale.detach().reshape(()) * BIAS_LIMIT)
+        scale = weight.scale.detach()
+        floor = floor if scale.numel() == floor.numel() else floor.max().reshape(1)
+        low = floor > scale
+        if low.any():
+            raised += int(low.sum())
+            weight.set_qparams(torch.maximum(scale, floor), weight.zero_point)
+    return raised

@@ -117,6 +117,38 @@ def test_qnn_files_quantize_every_tensor_a_node_reads_as_data(tmp_path):
     assert generic < qnn  # the generic profile quantizes only where a runtime fuses
 
 
+@pytest.mark.parametrize("abits,runtime", [(8, "generic"), (16, "qnn")])
+def test_int32_biases_of_dead_channels_do_not_overflow(tmp_path, abits, runtime):
+    """A weight channel of zeros gets the smallest scale; its bias over (activation x that
+    scale) would saturate int32 (and a clamp at 2**31 - 1 in float32 wraps to -2**31). The
+    weight scale is raised until the bias fits: every bias is stored to within half a step."""
+    from onnxqlimit import QuantConfig, ReconConfig, RunOptions, quantize
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)
+    weight[1] = 0.0  # dead
+    weight[2] *= 1e-12  # nearly dead
+    bias = np.array([0.1, 2.0, -1.5, 0.3], np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+         onnx.helper.make_node("Relu", ["c"], ["r"]),
+         onnx.helper.make_node("Conv", ["r", "w2", "b2"], ["y"])],
+        "dead", [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2, 8, 8])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b"),
+         numpy_helper.from_array(rng.normal(0, 0.3, (2, 4, 1, 1)).astype(np.float32), "w2"),
+         numpy_helper.from_array(np.zeros(2, np.float32), "b2")])
+    src = tmp_path / "dead.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]), str(src))
+    calib = {"x": rng.normal(0, 1, (16, 3, 8, 8)).astype(np.float32)}
+    quantize(src, tmp_path / "q.onnx", calib, QuantConfig.of(wbits=8, abits=abits, first_last_bits=None, runtime=runtime),
+             RunOptions(recon=ReconConfig(method="rtn", calib_size=16), progress=False, parity_samples=4))
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
+    stored, scale = inits["b_quantized"].astype(np.float64), inits["b_scale"].astype(np.float64)
+    assert np.all(np.abs(stored) < 2 ** 31 - 128)
+    assert np.all(np.abs(stored * scale - bias) <= np.maximum(scale / 2, 1e-6 * np.abs(bias)))  # (float32 rounding)
+
+
 @pytest.mark.parametrize("runtime,flags,message", [
     ("ort-cpu", ["--wbits", "4"], "runtime profile 'ort-cpu' cannot run W4A8"),
     ("tensorrt", ["--abits", "4"], "runtime profile 'tensorrt' cannot run W8A4"),

@@ -242,7 +242,9 @@ class BiasQuantize(nn.Module):
     call from the quantizers as they stand (learned scales, AdaRound modules swapped in); the
     bias stays float while its activation is not quantized (float model, calibration)."""
 
-    INT32 = (-(2**31), 2**31 - 1)
+    # The widest range float32 keeps inside int32: a clamp at 2**31 - 1 rounds up to 2**31 in
+    # float32, which the int32 cast then wraps to -2**31 (a flipped bias in the file)
+    INT32 = (-(2**31), 2**31 - 128)
 
     def __init__(self, hooks, quantizers: Mapping[str, FakeQuantize], act: str, weight: str):
         super().__init__()
