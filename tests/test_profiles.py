@@ -98,7 +98,8 @@ def test_qnn_a16_files_hold_uint16_activations_and_symmetric_weights(tmp_path, w
 
 def test_qnn_files_quantize_every_tensor_a_node_reads_as_data(tmp_path):
     """HTP runs QDQ node units: every float input of every node comes out of a DequantizeLinear
-    (residual Adds, pooling, Flatten too), parameters and int32 biases aside."""
+    (residual Adds, pooling, Flatten too), parameters and int32 biases aside - and the Relu
+    a Conv's output Q absorbs, whose output is quantized instead."""
     from onnxqlimit.quant.policy import PARAMETER_INPUTS, UNQUANTIZED_READERS
 
     model = _quantize(tmp_path, "--runtime", "qnn", "--abits", "16")
@@ -108,7 +109,9 @@ def test_qnn_files_quantize_every_tensor_a_node_reads_as_data(tmp_path):
         if node.op_type in ("QuantizeLinear", "DequantizeLinear", *UNQUANTIZED_READERS):
             continue
         for index, tensor in enumerate(node.input):
-            if tensor and index not in PARAMETER_INPUTS.get(node.op_type, ()):
+            if node.op_type == "Relu" and _fed_by(producer, tensor, "Conv"):
+                assert any(r.op_type == "QuantizeLinear" for r in model.graph.node if node.output[0] in r.input)
+            elif tensor and index not in PARAMETER_INPUTS.get(node.op_type, ()):
                 assert _fed_by(producer, tensor, "DequantizeLinear"), (node.name, tensor)
                 checked += 1
     assert checked > 3 * sum(n.op_type in COMPUTE for n in model.graph.node)

@@ -197,6 +197,15 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
     return points
 
 
+def _readers(graph) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor -> the nodes reading it."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for t in set(node.input):
+            readers.setdefault(t, []).append(node)
+    return readers
+
+
 def _single_reader(tensor: str, readers, outputs: set[str], ops: tuple[str, ...]) -> onnx.NodeProto | None:
     after = readers.get(tensor, [])
     ok = tensor not in outputs and len(after) == 1 and after[0].op_type in ops
@@ -264,10 +273,7 @@ def _fused_form(graph, compute, weights: dict[str, QuantPoint], acts: dict[str, 
     """
     inits = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for t in set(node.input):
-            readers.setdefault(t, []).append(node)
+    readers = _readers(graph)
     added: dict[str, QuantPoint] = {}
     for node in compute:
         inputs = [t for t in node.input[:2] if t]
@@ -344,6 +350,15 @@ def _every_tensor(graph, points: list[QuantPoint], float_acts: set[str], abits, 
     inits = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
     taken = {p.tensor for p in points} | {p.bias[0] for p in points if p.bias is not None}
+    readers = _readers(graph)
+    # a Conv's output before the Relu/Clip folded into a quantized output (fused form) stays
+    # unquantized, as onnxruntime's quantizer removes such activations
+    quantized = {p.tensor for p in points}
+    for node in graph.node:
+        if node.op_type in ("Conv", "ConvTranspose"):
+            tail, _ = _fusion_tail(node.output[0], readers, inits, outputs)
+            if tail != node.output[0] and tail in quantized:
+                taken.add(node.output[0])
     data = {i.name for i in graph.input if i.name in float_acts} | {p.tensor for p in points if p.kind == "weight"}
     masked: set[str] = set()  # data computed with a mask: left float
     new: dict[str, QuantPoint] = {}
