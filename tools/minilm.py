@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxqlimit import QuantConfig, ReconConfig, RunOptions, quantize
+from onnxqlimit.mixed.config import MixedConfig, SensitivityConfig, Targets
 from tools.common import Table, bits_option, first_output, mean_cosine, widths
 
 NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -203,6 +204,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quantize-add", action="store_true")
     ap.add_argument("--granularity", default="block", help="reconstruction unit (block: attention / FFN sub-layers)")
     ap.add_argument("--block-layers", type=int, default=6, help="with --granularity stage 2: one encoder layer per block")
+    ap.add_argument("--target-size", type=float, metavar="RATIO",
+                    help="mixed precision: the file at most this fraction of the float file's size")
+    ap.add_argument("--wbits-choices", default="4,8", help="with --target-size: the weight widths to choose from")
     ap.add_argument("--keep", help="folder to keep the exported and quantized files in")
     ap.add_argument("--json", help="write the table as a docs/results record here")
     args = ap.parse_args(argv)
@@ -221,6 +225,8 @@ def main(argv=None) -> int:
                                             (f"--{'' if args.quantize_attention else 'no-'}quantize-attention",
                                              args.quantize_attention is not None),
                                             ("--quantize-add", args.quantize_add),
+                                            (f"--target-size {args.target_size} (weights {args.wbits_choices})",
+                                             args.target_size),
                                             (f"--granularity {args.granularity} --block-layers {args.block_layers}",
                                              (args.granularity, args.block_layers) != ("block", 6))) if given]
         table = Table(["model", f"method{' + smooth ' + str(args.smooth) if args.smooth else ''}", "emb bits", "cosine",
@@ -243,7 +249,12 @@ def main(argv=None) -> int:
                 started = time.perf_counter()
                 recon = ReconConfig.preset("fast", method=args.method, iters=args.iters, calib_size=args.calib_size,
                                            granularity=args.granularity, max_layers=args.block_layers)
-                quantize(src, out, calib, config, RunOptions(recon=recon, progress=False))
+                mixed = MixedConfig()
+                if args.target_size:
+                    choices = tuple(int(b) for b in args.wbits_choices.split(","))
+                    mixed = MixedConfig(Targets(size_bytes=args.target_size * src.stat().st_size),
+                                        SensitivityConfig(wbits_choices=choices, abits_choices=(abits,)))
+                quantize(src, out, calib, config, RunOptions(recon=recon, mixed=mixed, progress=False))
                 rows.append((args.method, emb_bits or "float", out, time.perf_counter() - started))
             if args.ort and wbits in (4, 8) and abits in (4, 8):
                 from tools.ort_baseline import quantize_with_ort
