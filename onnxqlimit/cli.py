@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--embedding-bits", type=int, default=8, choices=(0, *WEIGHT_BITS), metavar="W",
                    help="bits of tables read by Gather (embeddings), weight-only per row; 0 leaves them float (default 8)")
     q.add_argument("--smooth", type=float, metavar="ALPHA",
-                   help="SmoothQuant: migrate activation outliers into MatMul/Gemm weights with strength ALPHA (0-1, e.g. 0.5)")
+                   help="SmoothQuant: migrate activation outliers into MatMul/Gemm weights with strength ALPHA "
+                        "(below 1, e.g. 0.5; 0: off; default off, with --runtime tensorrt 0.8)")
     q.add_argument("--exclude", action="append", default=[], metavar="NAME_OR_REGEX", help="leave matching nodes float (repeatable)")
     q.add_argument("--bits", default="", metavar="NAME_OR_REGEX=W/A,...", help="per-node bit overrides")
     q.add_argument("--weight-init", choices=WEIGHT_OBSERVERS, default="mse", help="weight range observer (default mse)")

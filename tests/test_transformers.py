@@ -162,9 +162,12 @@ def test_a_smoothed_quantized_encoder_keeps_parity_and_smooth_is_validated(encod
     assert any(n.name.endswith("_Smooth") for n in onnx.load(str(tmp_path / "q.onnx")).graph.node)
     from onnxqlimit.errors import QLimitError
 
-    for bad in (0.0, 1.0, -0.5):
+    for bad in (1.0, -0.5):
         with pytest.raises(QLimitError, match="--smooth"):
             QuantConfig.of(smooth=bad)
+    # tensorrt's symmetric activations smooth by default; 0 turns it off
+    assert (QuantConfig.of(runtime="tensorrt").smooth, QuantConfig.of(runtime="tensorrt", smooth=0).smooth) == (0.8, None)
+    assert QuantConfig.of().smooth is None and QuantConfig.of(smooth=0.5, runtime="tensorrt").smooth == 0.5
 
 
 @pytest.mark.parametrize("method,wbits", [("rtn", 4), ("qdrop", 4), ("rtn", 2)])

@@ -93,7 +93,9 @@ class QuantConfig:
     widths: Widths = field(default_factory=Widths)
     scheme: Scheme = field(default_factory=Scheme)
     placement: Placement = field(default_factory=Placement)
-    smooth: float | None = None  # SmoothQuant migration strength (alpha) for MatMul/Gemm inputs; None: off
+    # SmoothQuant migration strength (alpha) for MatMul/Gemm inputs; None: the runtime's default
+    # (off, tensorrt 0.8); 0: off. Resolved at construction: afterwards None means off.
+    smooth: float | None = None
     runtime: str = "generic"  # the runtime profile (runtimes.py) the file is written for
 
     @classmethod
@@ -107,10 +109,11 @@ class QuantConfig:
         return cls(*parts, smooth=smooth, runtime=runtime)
 
     def __post_init__(self):
-        if self.smooth is not None and not 0.0 < self.smooth < 1.0:
-            raise QLimitError(f"--smooth must be between 0 and 1 (got {self.smooth})")
+        if self.smooth is not None and not 0.0 <= self.smooth < 1.0:
+            raise QLimitError(f"--smooth must be from 0 (off) to below 1 (got {self.smooth})")
         # The profile fixes what the runtime needs (signedness, granularity) and refuses widths it cannot run.
         runtime = profile(self.runtime)
+        self.smooth = runtime.smooth if self.smooth is None else (self.smooth or None)
         self.scheme = adapt_scheme(runtime, self.scheme)
         w = self.widths
         pairs = [(w.wbits, w.abits, f"--wbits {w.wbits} --abits {w.abits}")]
