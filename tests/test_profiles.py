@@ -120,6 +120,30 @@ def test_qnn_files_quantize_every_tensor_a_node_reads_as_data(tmp_path):
     assert generic < qnn  # the generic profile quantizes only where a runtime fuses
 
 
+def test_qnn_leaves_a_where_built_mask_and_the_masked_scores_float():
+    """transformers builds the mask as Where(Expand(mask, Shape(hidden)), 0, -3.4e38): a Shape of
+    data is no data, so the mask stays float, and so does scores + mask; Softmax's output is
+    quantized again."""
+    from onnxqlimit import QuantConfig
+    from onnxqlimit.quant.policy import place
+
+    h = onnx.helper
+    graph = h.make_graph(
+        [h.make_node("Shape", ["x"], ["s"]), h.make_node("Expand", ["m", "s"], ["e"]),
+         h.make_node("Where", ["e", "zero", "low"], ["mask"]), h.make_node("MatMul", ["x", "w"], ["y"]),
+         h.make_node("Add", ["y", "mask"], ["z"]), h.make_node("Softmax", ["z"], ["p"]),
+         h.make_node("MatMul", ["p", "w"], ["out"])],
+        "masked", [h.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+                   h.make_tensor_value_info("m", TensorProto.BOOL, [1, 4])],
+        [h.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4])],
+        [numpy_helper.from_array(np.eye(4, dtype=np.float32), "w"),
+         numpy_helper.from_array(np.zeros((), np.float32), "zero"),
+         numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "low")])
+    model = onnx.shape_inference.infer_shapes(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
+    points = {p.tensor for p in place(model, QuantConfig.of(runtime="qnn", abits=16))}
+    assert {"x", "y", "p", "w"} <= points and not {"mask", "z", "zero", "low"} & points
+
+
 @pytest.mark.parametrize("abits,runtime", [(8, "generic"), (16, "qnn")])
 def test_int32_biases_of_dead_channels_do_not_overflow(tmp_path, abits, runtime):
     """A weight channel of zeros gets the smallest scale; its bias over (activation x that

@@ -367,7 +367,7 @@ def _every_tensor(graph, points: list[QuantPoint], float_acts: set[str], abits, 
         if not any(t in data for t in inputs):
             continue  # no data flows here (shapes, masks)
         mask_fed = any(t in float_acts and t not in data and t not in inits for t in inputs)
-        data.update(node.output)
+        data.update(t for t in node.output if t in float_acts)  # (a Shape of data is no data)
         if mask_fed:
             masked.update(node.output)
         if node.op_type in UNQUANTIZED_READERS or _matches(exclude, node):
