@@ -94,8 +94,22 @@ def calibrate(mirror: Mirror, points: list[QuantPoint], quantizers: Mapping[str,
             mirror.set_hook(name, quantizers[name])
     for point in acts:
         quantizers[point.tensor].set_qparams(*calibration.qparams(point, point.spec.bits))
+    tie_scales(points, quantizers)
     fit_bias_scales(points, quantizers, mirror)
     return calibration
+
+
+def tie_scales(points: list[QuantPoint], quantizers: Mapping[str, FakeQuantize]) -> None:
+    """A data-movement op's output quantizer takes its input's scale and zero point (at equal
+    widths; a plan that changed one keeps the other's own calibration): its values are already
+    on that grid, so the pair is exact and the runtime drops it. In placement order, so a
+    chain (Split -> Reshape) follows its first link."""
+    for point in points:
+        if point.tied_to is None or point.tied_to not in quantizers:
+            continue
+        source, tied = quantizers[point.tied_to], quantizers[point.tensor]
+        if (source.spec.bits, source.spec.symmetric) == (tied.spec.bits, tied.spec.symmetric):
+            tied.set_qparams(source.scale.detach().clone(), source.zero_point.detach().clone())
 
 
 # An int32 bias (scale = activation x weight scale) overflows where a weight channel is dead

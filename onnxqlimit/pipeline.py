@@ -16,7 +16,7 @@ import onnx
 import torch
 
 from . import weights
-from .calibrate import attach_quantizers, calibrate
+from .calibrate import attach_quantizers, calibrate, tie_scales
 from .context import Context, RunOptions
 from .data import (
     batches,
@@ -212,8 +212,9 @@ def reconstruct_blocks(ctx: Context, state: QuantState) -> tuple[ReconResult | N
                     "threads": torch.get_num_threads(), "recon": asdict(recon), "seed": options.seed}
         checkpoints = Checkpoints(Path(options.work_dir), run_key(weights.identity(ctx.original), ctx.feeds, settings),
                                   options.resume)
-    return reconstruct(ctx.mirror, ctx.model, state, ctx.feeds, recon, options.seed, options.progress,
-                       checkpoints), checkpoints
+    result = reconstruct(ctx.mirror, ctx.model, state, ctx.feeds, recon, options.seed, options.progress, checkpoints)
+    tie_scales(state.points, state.quantizers)  # learned input scales reach the data-movement outputs tied to them
+    return result, checkpoints
 
 
 def export_and_validate(ctx: Context, state: QuantState, output_path: Path, searched: SearchResult | None) -> Exported:

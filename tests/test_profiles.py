@@ -120,6 +120,46 @@ def test_qnn_files_quantize_every_tensor_a_node_reads_as_data(tmp_path):
     assert generic < qnn  # the generic profile quantizes only where a runtime fuses
 
 
+def test_data_movement_outputs_share_their_input_scales_so_a_concat_after_split_stays_integer(tmp_path):
+    """A C2f-style block: Conv -> Split -> Concat(split halves, Conv of one). Each Split output
+    gets a Q/DQ with its input's scale and zero point (onnxruntime drops such pairs), so the
+    Concat runs as QLinearConcat instead of float between DequantizeLinear and QuantizeLinear."""
+    import onnxruntime as ort
+
+    from onnxqlimit import QuantConfig, ReconConfig, RunOptions, quantize
+
+    h, rng = onnx.helper, np.random.default_rng(0)
+    weight = lambda name, *shape: numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
+    graph = h.make_graph(
+        [h.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]), h.make_node("Relu", ["c1"], ["r1"]),
+         h.make_node("Split", ["r1"], ["a", "b"], axis=1, num_outputs=2),
+         h.make_node("Conv", ["b", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]), h.make_node("Relu", ["c2"], ["r2"]),
+         h.make_node("Concat", ["a", "b", "r2"], ["cat"], axis=1), h.make_node("Conv", ["cat", "w3", "b3"], ["y"])],
+        "c2f", [h.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
+        [h.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 8, 8])],
+        [weight("w1", 8, 3, 3, 3), weight("b1", 8), weight("w2", 4, 4, 3, 3), weight("b2", 4),
+         weight("w3", 4, 12, 1, 1), weight("b3", 4)])
+    src, out = tmp_path / "c2f.onnx", tmp_path / "q.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 18)]), str(src))
+    calib = {"x": rng.normal(0, 1, (16, 3, 8, 8)).astype(np.float32)}
+    quantize(src, out, calib, QuantConfig.of(first_last_bits=None),
+             RunOptions(recon=ReconConfig(method="rtn", calib_size=16), progress=False, parity_samples=4))
+    model = onnx.load(str(out))
+    inits, producer, _, _, acts = _walk(model)
+    split = next(n for n in model.graph.node if n.op_type == "Split")
+    source = producer[split.input[0]]
+    assert source.op_type == "DequantizeLinear"
+    for q in (n for n in acts if n.input[0] in split.output):
+        for i in (1, 2):
+            np.testing.assert_array_equal(numpy_helper.to_array(inits[q.input[i]]),
+                                          numpy_helper.to_array(inits[source.input[i]]))
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    kernels = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert "QLinearConcat" in kernels and "Concat" not in kernels, kernels
+
+
 def test_qnn_leaves_a_where_built_mask_and_the_masked_scores_float():
     """transformers builds the mask as Where(Expand(mask, Shape(hidden)), 0, -3.4e38): a Shape of
     data is no data, so the mask stays float, and so does scores + mask; Softmax's output is

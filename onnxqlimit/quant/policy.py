@@ -43,6 +43,8 @@ class QuantPoint:
     output_of: str | None = None  # an output Q/DQ that lets the runtime fuse this compute node (fused form)
     bias: tuple[str, str] | None = None  # weight only: (bias, activation input) of its layer, the bias
     # stored as int32 with scale = activation scale x this weight's scale (fused form)
+    tied_to: str | None = None  # an output Q/DQ of a data-movement op: its input point's scale and
+    # zero point (calibrate.tie_scales), so the runtime drops the pair and moves the integers
     within: float | None = None  # the Clip maximum its Q's range must not pass: the runtime folds
     # Clip -> Q into the Q (and so fuses the layer before it) only while it does (fused form)
 
@@ -305,16 +307,30 @@ def _fused_form(graph, compute, weights: dict[str, QuantPoint], acts: dict[str, 
 # QLinearConcat, ...), each with scales of its own: with a Q/DQ on their outputs, chains
 # such as Conv -> Sigmoid/Mul (SiLU) -> Concat -> Conv never leave the integer domain.
 INTEGER_ELEMENTWISE = ("Add", "Mul", "Sigmoid", "LeakyRelu", "Concat", "GlobalAveragePool", "AveragePool")
+# Ops that only select or move values: with a Q/DQ of their input's scale and zero point on
+# each output, onnxruntime drops the pairs and moves the integers (its quantizer ties them
+# the same way), and the Concat or Add after a Split / Resize / MaxPool stays integer too.
+# (Resize only in nearest mode: interpolation makes new values.)
+DATA_MOVEMENT = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Split", "Slice", "Gather", "MaxPool",
+                 "Resize", "Expand", "Tile", "DepthToSpace", "SpaceToDepth", "Identity")
+
+
+def _moves_values(node: onnx.NodeProto) -> bool:
+    if node.op_type == "Resize":
+        return next((a.s for a in node.attribute if a.name == "mode"), b"nearest") == b"nearest"
+    return node.op_type in DATA_MOVEMENT
 
 
 def _integer_elementwise(graph, acts: dict[str, QuantPoint], added: dict[str, QuantPoint], float_acts: set[str],
                          outputs: set[str], fused_bits: tuple[int, ...], act_symmetric: bool) -> None:
     """Output Q/DQ pairs (into `added`) for the INTEGER_ELEMENTWISE nodes whose data inputs
-    are all quantized at a fused width, in graph order so that chains qualify one by one.
-    An Add or Mul of a constant stays float (its constant is no quantized tensor)."""
+    are all quantized at a fused width, and tied ones for DATA_MOVEMENT nodes whose data
+    input is, in graph order so that chains qualify one by one. An Add or Mul of a constant
+    stays float (its constant is no quantized tensor)."""
     inits = {t.name for t in graph.initializer}
     for node in graph.node:
-        if node.op_type not in INTEGER_ELEMENTWISE or node.domain not in ("", "ai.onnx"):
+        moves = _moves_values(node)
+        if not (moves or node.op_type in INTEGER_ELEMENTWISE) or node.domain not in ("", "ai.onnx"):
             continue
         data = [t for t in (node.input if node.op_type in ("Add", "Mul", "Concat") else node.input[:1]) if t]
         if any(t in inits for t in data) or not data:
@@ -322,11 +338,14 @@ def _integer_elementwise(graph, acts: dict[str, QuantPoint], added: dict[str, Qu
         points = [acts.get(t) or added.get(t) for t in data]
         if any(p is None or p.spec.bits not in fused_bits for p in points):
             continue
-        out = node.output[0]
-        if out in acts or out in added or out in outputs or out not in float_acts:
-            continue
         bits = max(p.spec.bits for p in points)
-        added[out] = QuantPoint(out, "activation", QuantSpec(bits, act_symmetric), [], True, output_of=node.name)
+        for out in node.output if moves else node.output[:1]:
+            if moves and out in acts and acts[out].tied_to is None:
+                acts[out].tied_to = data[0]  # a layer's input that a data-movement op wrote: tied too
+            if out in acts or out in added or out in outputs or out not in float_acts:
+                continue
+            added[out] = QuantPoint(out, "activation", QuantSpec(bits, act_symmetric), [], True, output_of=node.name,
+                                    tied_to=data[0] if moves else None)
 
 
 # Inputs that set parameters rather than carry data (onnxruntime's QDQ quantizer leaves them
