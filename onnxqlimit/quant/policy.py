@@ -4,8 +4,10 @@ Default (docs/quantization.md): the constant weight of every Conv, ConvTranspose
 and MatMul, and the activation inputs of those ops - of activation-by-activation MatMuls
 (attention) only at the width the runtime fuses (8 bits). Flags add residual-Add inputs,
 Concat inputs and attention at any width (or keep it float). The runtime's fused form
-(runtimes.py) adds output Q/DQ pairs and int32 biases to 8-bit layers. Everything else
-(LayerNorm, Softmax, Resize, shape ops, graph outputs) stays float. The first and last
+(runtimes.py) adds output Q/DQ pairs and int32 biases to 8-bit layers, and pairs tied to
+their input on data-movement ops; a runtime that runs QDQ node units only (qnn) gets a pair
+on every tensor read as data. Otherwise LayerNorm, Softmax, shape ops and graph outputs stay
+float. The first and last
 compute layers keep 8-bit weights and inputs unless told otherwise, as in the paper.
 Tables read by Gather (token and position embeddings) are quantized weight-only, per row,
 at `embedding_bits`: they are most of a text encoder's bytes but no multiply reads them.
