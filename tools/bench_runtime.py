@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 
 from onnxqlimit import QuantConfig, ReconConfig, RunOptions, quantize
+from onnxqlimit.mixed.config import MixedConfig, SensitivityConfig, Targets
 from onnxqlimit.runtime import INTEGER_KERNELS, compute_kernels, interleaved_ms
 from tools.common import MODELS, Model, Table, load
 from tools.ort_baseline import DictReader, quantize_with_ort
@@ -39,6 +40,10 @@ ENCODER_VARIANTS = CNN_VARIANTS + [
     ("ours ort-cpu W4 weight-only, per channel", {"runtime": "ort-cpu", "wbits": 4, "abits": 32}),
     ("ours ort-cpu W4 weight-only, block 32", {"runtime": "ort-cpu", "wbits": 4, "abits": 32, "weight_block": 32}),
     ("ours ort-cpu W4 weight-only, block 128", {"runtime": "ort-cpu", "wbits": 4, "abits": 32, "weight_block": 128}),
+    ("ours ort-cpu W4 weight-only, block 32, 4-bit tables",
+     {"runtime": "ort-cpu", "wbits": 4, "abits": 32, "weight_block": 32, "embedding_bits": 4}),
+    ("ours ort-cpu W4/W8 weight-only under 0.20x, block 32, 4-bit tables",
+     {"runtime": "ort-cpu", "wbits": 4, "abits": 32, "weight_block": 32, "embedding_bits": 4, "target_size": 0.2}),
 ]
 ENCODERS = ("minilm", "bert", "minilm-real")
 REAL_MINILM_CALIB, REAL_MINILM_EVAL = 256, 500
@@ -101,7 +106,12 @@ def bench(name: str, work: Path, threads: int, seconds: float, method: str, tabl
             continue
         out = work / f"{name}_{label.replace(' ', '_').replace(',', '')}.onnx"
         started = time.perf_counter()
-        quantize(model.path, out, calib, QuantConfig.of(**settings), RunOptions(recon=recon, progress=False))
+        settings = dict(settings)
+        ratio = settings.pop("target_size", None)  # a mixed-precision search over W4/W8 under this fraction of float
+        mixed = MixedConfig(Targets(size_bytes=ratio * Path(model.path).stat().st_size),
+                            SensitivityConfig(wbits_choices=(4, 8), abits_choices=(settings["abits"],))) \
+            if ratio else MixedConfig()
+        quantize(model.path, out, calib, QuantConfig.of(**settings), RunOptions(recon=recon, mixed=mixed, progress=False))
         files.append((f"{label} ({method})", out, time.perf_counter() - started))
     feeds = {k: v[:1] for k, v in model.calibration(1).items()}
     float_size = Path(model.path).stat().st_size
