@@ -146,7 +146,9 @@ def tune_block(runner: BlockRunner, block: Block, weights: list[str], tuned: lis
             runner.quantizers[point.tensor] = module
             mirror.set_hook(point.tensor, module)
             rounding.append(module)
-    acts = [p.tensor for p in tuned if p.kind == "activation"]
+    # 16-bit activations keep their calibrated steps (their rounding error is 256x below 8-bit's:
+    # learning and dropping them adds noise, not accuracy) and tied ones their source's
+    acts = [p.tensor for p in tuned if p.kind == "activation" and p.spec.bits <= 8 and p.tied_to is None]
     scales = [runner.quantizers[t].scale for t in acts] if config.learn_act_scales else []
     for t in acts:
         if t not in runner.on_entry:  # entry quantizers are mixed with the float input instead
