@@ -64,13 +64,17 @@ def test_placement_quantizes_compute_inputs_only_and_keeps_the_head_at_8_bits(yo
     assert {n.input[1] for n in convs} == set(weights)  # every conv weight, nothing else
     # Activation quantizers stand on compute-layer inputs and, in the 8-bit head that
     # onnxruntime fuses, on the outputs of its convs and of the SiLU / Concat ops between
-    # them (QLinearSigmoid, QLinearMul, QLinearConcat); the 4-bit backbone's C2f split, the
-    # neck's concat/upsample, the max-pools and the decode run in float.
+    # them (QLinearSigmoid, QLinearMul, QLinearConcat), and tied to their input on the
+    # data-movement ops there (Split, Reshape, nearest Resize); the 4-bit backbone's C2f
+    # split, the neck's concat/upsample, the max-pools and the decode run in float.
     consumers = {t: [n for n in model.graph.node if t in n.input] for t in acts}
     ops = {n.name: n.op_type for n in model.graph.node}
     assert all(any(c.op_type == "Conv" for c in consumers[t]) or acts[t].output_of for t in acts)
     outputs_of = {p.output_of for p in acts.values() if p.output_of}
-    assert {ops[n] for n in outputs_of} <= {"Conv", "Sigmoid", "Mul", "Concat", "Add"}
+    from onnxqlimit.quant.policy import DATA_MOVEMENT
+
+    assert {ops[n] for n in outputs_of} <= {"Conv", "Sigmoid", "Mul", "Concat", "Add", *DATA_MOVEMENT}
+    assert all((p.tied_to is not None) == (ops[p.output_of] in DATA_MOVEMENT) for p in acts.values() if p.output_of)
     assert outputs_of and all(weights[n.input[1]].spec.bits == 8 for n in convs if n.name in outputs_of)
     assert "output0" not in acts
     # The last compute layers (class logits, the DFL expectation) keep 8-bit weights and inputs.
