@@ -94,9 +94,15 @@ def calibrate(mirror: Mirror, points: list[QuantPoint], quantizers: Mapping[str,
             mirror.set_hook(name, quantizers[name])
     for point in acts:
         quantizers[point.tensor].set_qparams(*calibration.qparams(point, point.spec.bits))
+    derive_scales(points, quantizers, mirror)
+    return calibration
+
+
+def derive_scales(points: list[QuantPoint], quantizers: Mapping[str, FakeQuantize], mirror: Mirror) -> None:
+    """The scales that follow others once those are set (after calibration and every plan):
+    tied pairs take their source's, then weight scales rise where an int32 bias would not fit."""
     tie_scales(points, quantizers)
     fit_bias_scales(points, quantizers, mirror)
-    return calibration
 
 
 def tie_scales(points: list[QuantPoint], quantizers: Mapping[str, FakeQuantize]) -> None:

@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 from . import weights
 from .errors import QLimitError
-from .graph import consumers, topological_sort
+from .graph import consumers, node_attr, topological_sort
 from .weights import TWO_GB
 
 log = logging.getLogger("onnxqlimit")
@@ -311,17 +311,10 @@ def fold_batchnorm(graph: onnx.GraphProto) -> int:
     return len(removed)
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
 def _fold_one(graph: onnx.GraphProto, prod: onnx.NodeProto, bn: onnx.NodeProto, inits: dict) -> bool:
     arr = {n: weights.array(inits[n]).astype(np.float64) for n in list(prod.input[1:]) + list(bn.input[1:]) if n}
     gamma, beta, mean, var = (arr[n] for n in bn.input[1:])
-    scale = gamma / np.sqrt(var + _attr(bn, "epsilon", 1e-5))
+    scale = gamma / np.sqrt(var + node_attr(bn, "epsilon", 1e-5))
     weight_name = prod.input[1]
     weight = arr[weight_name]
     dtype = weights.array(inits[weight_name]).dtype
@@ -335,7 +328,7 @@ def _fold_one(graph: onnx.GraphProto, prod: onnx.NodeProto, bn: onnx.NodeProto, 
         weight = weight * scale.reshape([-1] + [1] * (weight.ndim - 1))
         bias = arr[bias_name] if bias_name else np.zeros(channels)
     elif prod.op_type == "ConvTranspose":
-        group = _attr(prod, "group", 1)
+        group = node_attr(prod, "group", 1)
         cin, cout_g = weight.shape[:2]
         if cout_g * group != channels:
             return False
@@ -346,11 +339,11 @@ def _fold_one(graph: onnx.GraphProto, prod: onnx.NodeProto, bn: onnx.NodeProto, 
     else:  # Gemm: BN over axis 1 of a 2-D output = the Gemm's N
         if weight.ndim != 2:
             return False
-        trans_b = _attr(prod, "transB", 0)
+        trans_b = node_attr(prod, "transB", 0)
         if weight.shape[0 if trans_b else 1] != channels:
             return False
         weight = weight * (scale[:, None] if trans_b else scale[None, :])
-        bias = arr[bias_name] * _attr(prod, "beta", 1.0) if bias_name else np.zeros(channels)
+        bias = arr[bias_name] * node_attr(prod, "beta", 1.0) if bias_name else np.zeros(channels)
         if bias.size not in (1, channels):
             return False
         bias = np.broadcast_to(bias.reshape(-1), (channels,))

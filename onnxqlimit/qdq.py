@@ -12,6 +12,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from .graph import node_attr
 from .quant.fake_quant import BiasQuantize, FakeQuantize, QuantSpec
 from .quant.policy import QuantPoint
 from .quant.widths import container_bits, container_dtype
@@ -86,7 +87,7 @@ def reads_transposed(node) -> bool:
     """A Gemm reading its weight transposed (transB=1). onnxruntime fuses a weight-only Gemm
     into MatMulNBits only untransposed, so the exporter then stores the weight transposed
     (insert_weight's `transpose`) and clears transB (untranspose): the same product."""
-    return node.op_type == "Gemm" and next((a.i for a in node.attribute if a.name == "transB"), 0) == 1
+    return node.op_type == "Gemm" and node_attr(node, "transB", 0) == 1
 
 
 def untranspose(node) -> None:
@@ -139,7 +140,7 @@ def gathers_rows(graph, point: QuantPoint) -> list:
     front of its readers."""
     readers = [n for n in graph.node if point.tensor in n.input]
     rows = [n for n in readers if n.op_type == "Gather" and n.input[0] == point.tensor
-            and next((a.i for a in n.attribute if a.name == "axis"), 0) == 0]
+            and node_attr(n, "axis", 0) == 0]
     spec = point.spec
     dims = next((list(t.dims) for t in graph.initializer if t.name == point.tensor), [])
     bytes_ok = (container_bits(spec.bits) == 8 and spec.block_size is None) or _packs(spec, dims)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .calibrate import Calibration, fit_bias_scales, tie_scales
+from .calibrate import Calibration, derive_scales
 from .quant.adaround import AdaRoundQuantize
 from .quant.bits import BitPlan
 from .quant.fake_quant import FakeQuantize
@@ -39,8 +39,7 @@ class QuantState:
             point.spec = replace(point.spec, bits=bits)
             quantizer.spec = point.spec
             quantizer.set_qparams(*self.calibration.qparams(point, bits))
-        tie_scales(self.points, self.quantizers)
-        fit_bias_scales(self.points, self.quantizers, self.calibration.mirror)
+        derive_scales(self.points, self.quantizers, self.calibration.mirror)
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor | int | bool]]:
         """Per quantized tensor: width, scale, zero point and (after AdaRound) the rounding choice."""

@@ -25,6 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import QLimitError
+from ..graph import consumers, node_attr
 from .config import Placement, QuantConfig, Widths
 from .fake_quant import QuantSpec
 from .runtimes import profile
@@ -90,7 +91,7 @@ def weight_axis(node: onnx.NodeProto, weight_index: int, rank: int) -> int:
     if node.op_type == "ConvTranspose":
         return 1
     if node.op_type == "Gemm":
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        trans_b = node_attr(node, "transB", 0)
         return 0 if trans_b else 1
     return rank - 1 if weight_index == 1 else rank - 2  # MatMul: the axis that survives in the output
 
@@ -201,15 +202,6 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
     return points
 
 
-def _readers(graph) -> dict[str, list[onnx.NodeProto]]:
-    """Tensor -> the nodes reading it."""
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for t in set(node.input):
-            readers.setdefault(t, []).append(node)
-    return readers
-
-
 def _single_reader(tensor: str, readers, outputs: set[str], ops: tuple[str, ...]) -> onnx.NodeProto | None:
     after = readers.get(tensor, [])
     ok = tensor not in outputs and len(after) == 1 and after[0].op_type in ops
@@ -235,7 +227,7 @@ def _fusion_tail(tensor: str, readers, inits, outputs: set[str]) -> tuple[str, f
         return after.output[0], None
     bounds = [_constant(inits, after.input[i]) if len(after.input) > i and after.input[i] else None for i in (1, 2)]
     if len(after.input) < 2:  # opset < 11: min/max attributes
-        bounds = [next((a.f for a in after.attribute if a.name == n), None) for n in ("min", "max")]
+        bounds = [node_attr(after, n) for n in ("min", "max")]
     lo, hi = bounds
     if lo is None or hi is None or lo != 0.0:
         return tensor, None  # a Clip the runtime cannot fold into a Q with zero point 0: Q before it
@@ -277,7 +269,7 @@ def _fused_form(graph, compute, weights: dict[str, QuantPoint], acts: dict[str, 
     """
     inits = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
-    readers = _readers(graph)
+    readers = consumers(graph)
     added: dict[str, QuantPoint] = {}
     for node in compute:
         inputs = [t for t in node.input[:2] if t]
@@ -319,7 +311,7 @@ DATA_MOVEMENT = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Spl
 
 def _moves_values(node: onnx.NodeProto) -> bool:
     if node.op_type == "Resize":
-        return next((a.s for a in node.attribute if a.name == "mode"), b"nearest") == b"nearest"
+        return node_attr(node, "mode", b"nearest") == b"nearest"
     return node.op_type in DATA_MOVEMENT
 
 
@@ -371,7 +363,7 @@ def _every_tensor(graph, points: list[QuantPoint], float_acts: set[str], abits, 
     inits = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
     taken = {p.tensor for p in points} | {p.bias[0] for p in points if p.bias is not None}
-    readers = _readers(graph)
+    readers = consumers(graph)
     # a Conv's output before the Relu/Clip folded into a quantized output (fused form) stays
     # unquantized, as onnxruntime's quantizer removes such activations
     quantized = {p.tensor for p in points}
@@ -431,7 +423,7 @@ def _add_table(node: onnx.NodeProto, inits, weights: dict[str, QuantPoint], symm
     if name in weights:  # a tied table also read by a MatMul keeps that layer's quantizer
         weights[name].consumers.append(node.name)
         return
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % len(table.dims)
+    axis = node_attr(node, "axis", 0) % len(table.dims)
     blocked = bits < 8 and len(table.dims) == 2 and axis == 0
     spec = QuantSpec(bits, symmetric, axis, block if blocked else None)
     weights[name] = QuantPoint(name, "weight", spec, [node.name], fixed=True, table=True)
