@@ -33,7 +33,9 @@ class _Observe(nn.Module):
         return x
 
 
-def attach_quantizers(mirror: Mirror, points: list[QuantPoint]) -> dict[str, FakeQuantize]:
+def attach_quantizers(mirror: Mirror, points: list[QuantPoint], fused_bits: tuple[int, ...] = (8,)
+                      ) -> dict[str, FakeQuantize]:
+    """A fake-quant module on every point; int32 biases (where placed) at the widths in `fused_bits`."""
     quantizers = {}
     for point in points:
         channels = 1
@@ -45,7 +47,7 @@ def attach_quantizers(mirror: Mirror, points: list[QuantPoint]) -> dict[str, Fak
     for point in points:  # int32 biases read the scales of their layer's quantizers
         if point.bias is not None:
             bias, act = point.bias
-            mirror.set_hook(bias, BiasQuantize(mirror, quantizers, act, point.tensor))
+            mirror.set_hook(bias, BiasQuantize(mirror, quantizers, act, point.tensor, fused_bits))
     return quantizers
 
 

@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ga-mutation", type=float, default=0.05, help="per-gene mutation probability (default 0.05)")
     m.add_argument("--ga-crossover", type=float, default=0.9, help="crossover probability (default 0.9)")
     m.add_argument("--sens-samples", type=_positive, default=32, help="samples for the sensitivities (default 32)")
+    m.add_argument("--sens-iters", type=int, default=SensitivityConfig.tune_iters, metavar="N",
+                   help="reconstruction iterations each candidate configuration gets before it is scored, so plans "
+                        f"rank by their loss after reconstruction (default {SensitivityConfig.tune_iters}; "
+                        "0: round-to-nearest scores; an rtn run always uses those)")
     m.add_argument("--work-dir", default=None,
                    help="cache for sensitivities, latency tables and the checkpoints of finished blocks that "
                         "--resume restores (default $ONNXQLIMIT_CACHE or ~/.cache/onnxqlimit)")
@@ -271,7 +275,8 @@ def build_configs(args: argparse.Namespace) -> tuple[QuantConfig, RunOptions]:
     targets = Targets(size_bytes=args.target_size, avg_wbits=args.target_avg_wbits,
                       bitops=args.target_bitops * 1e9 if args.target_bitops is not None else None,
                       latency_ms=args.target_latency, metric=args.target_metric)
-    mixed = MixedConfig(targets, SensitivityConfig(args.wbits_choices, args.abits_choices, args.sens_samples),
+    mixed = MixedConfig(targets, SensitivityConfig(args.wbits_choices, args.abits_choices, args.sens_samples,
+                                                      tune_iters=args.sens_iters),
                         args.solver, GAConfig(args.ga_population, args.ga_generations, args.ga_mutation,
                                               args.ga_crossover))
     work_dir = args.work_dir or os.environ.get("ONNXQLIMIT_CACHE") or str(Path.home() / ".cache" / "onnxqlimit")

@@ -21,6 +21,7 @@ from .mixed.config import EvalData
 from .mixed.metric import relative_score
 from .parity import ort_session
 from .quant.fake_quant import quantizers_disabled
+from .recon.fisher import task_loss
 
 log = logging.getLogger("onnxqlimit")
 
@@ -116,11 +117,16 @@ def quality(original: onnx.ModelProto, qmodel: str, mirror: Mirror, quantizers, 
         in_mirror = weights.on_disk(original)
         reference = mirror_outputs(mirror, quantizers, feeds, batch_size) if in_mirror else \
             run(original, feeds, batch_size)
-        rows = compare(run(qmodel, feeds, batch_size), reference)
+        outputs = run(qmodel, feeds, batch_size)
+        rows = compare(outputs, reference)
     except Exception as err:  # noqa: BLE001 - e.g. a float model onnxruntime cannot run
         log.warning("quality not measured: %s", str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
         return None
-    return {"samples": len(next(iter(feeds.values()))), "outputs": [asdict(r) for r in rows],
+    samples = len(next(iter(feeds.values())))
+    # The label-free task loss the mixed-precision search predicts (fisher.task_loss), per sample
+    loss = sum(float(task_loss(torch.from_numpy(reference[k]), torch.from_numpy(outputs[k])))
+               for k in reference if np.issubdtype(reference[k].dtype, np.floating))
+    return {"samples": samples, "outputs": [asdict(r) for r in rows], "task_loss": loss / max(samples, 1),
             "reference": "float mirror" if in_mirror else "float model", "held_back": held_back}
 
 

@@ -103,8 +103,10 @@ def _quantize(model, output_path: Path, calibration, config: QuantConfig, option
     exported = export_and_validate(ctx, state, output_path, searched)
     if checkpoints is not None:  # kept until the file is written: a run stopped while exporting resumes
         checkpoints.finish()
+    if searched is not None and exported.quality is not None:
+        searched.measured_loss = exported.quality.get("task_loss")
     if options.save_plan:
-        state.plan.save(options.save_plan, state.points)
+        state.plan.save(options.save_plan, state.points, searched.notes() if searched is not None else None)
     report = build_report(ctx, state, exported, output_path, searched, tuning, time.perf_counter() - started)
     return QuantizeResult(output_path, report)
 
@@ -179,7 +181,7 @@ def place_and_calibrate(ctx: Context) -> QuantState:
     points = place(ctx.model, ctx.config, last)
     if not points:
         raise QLimitError("nothing to quantize: the model has no Conv/ConvTranspose/Gemm/MatMul with float weights")
-    quantizers = attach_quantizers(ctx.mirror, points)
+    quantizers = attach_quantizers(ctx.mirror, points, profile(ctx.config.runtime).fused_bits)
     return QuantState(points, quantizers, calibrate(ctx.mirror, points, quantizers, ctx.batches(),
                                                     ctx.config.scheme, ctx.options.progress))
 

@@ -146,7 +146,10 @@ def format_report(r: Report) -> str:
         cached = " (sensitivities from the cache)" if mixed["sensitivity_cached"] else \
             f" (sensitivities measured in {mixed['sensitivity_seconds']:.1f} s)"
         lines.append(f"mixed precision: {mixed['solver']} search in {mixed['seconds']:.1f} s{cached}, "
-                     f"predicted loss increase {mixed['predicted_loss']:.4g}")
+                     f"predicted loss increase {mixed['predicted_loss']:.4g} "
+                     + (f"(after {mixed['scored_after']}-iteration reconstructions)" if mixed["scored_after"]
+                        else "(round to nearest)")
+                     + (f", measured {mixed['measured_loss']:.4g}" if mixed.get("measured_loss") is not None else ""))
     widths = r.config["widths"]
     bits = "mixed" if mixed or options["bits_plan"] else f"W{widths['wbits']}A{widths['abits']}"
     lines.append(f"wrote {r.output}: {bits} ({options['recon']['method']}), opset {r.opset}, "

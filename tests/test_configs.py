@@ -71,6 +71,7 @@ FLAGS = [
     (["--wbits-choices", "4,2"], {"mixed.sensitivity.wbits_choices": (2, 4)}),
     (["--abits-choices", "8,16"], {"mixed.sensitivity.abits_choices": (8, 16)}),
     (["--sens-samples", "8"], {"mixed.sensitivity.samples": 8}),
+    (["--sens-iters", "0"], {"mixed.sensitivity.tune_iters": 0}),
     (["--solver", "ga"], {"mixed.solver": "ga"}),
     (["--ga-population", "10"], {"mixed.ga.population": 10}),
     (["--ga-generations", "5"], {"mixed.ga.generations": 5}),

@@ -17,7 +17,7 @@ from onnxqlimit.mixed.config import GAConfig, MixedConfig, SensitivityConfig, Ta
 from onnxqlimit.mixed.solvers import Problem, solve_ga, solve_milp
 from onnxqlimit.parity import ort_session
 from onnxqlimit.pipeline import RunOptions, quantize
-from onnxqlimit.quant.bits import BitPlan
+from onnxqlimit.quant.bits import NOTES_KEY, BitPlan
 from onnxqlimit.recon import ReconConfig
 from tests import cost_oracle
 
@@ -91,6 +91,8 @@ def test_plan_round_trips_through_json_and_bits_plan(tmp_path, work_dir, capsys)
     assert main(["quantize", RESNET, "-o", str(out), "--target-avg-wbits", "3.5", "--save-plan", str(plan_file),
                  *common]) == 0
     saved = json.loads(plan_file.read_text())
+    notes = saved.pop(NOTES_KEY)  # how the search scored it, skipped when the plan is read
+    assert notes["scored"] == "round to nearest" and notes["predicted_loss"] > 0 and notes["measured_loss"] > 0
     assert saved and all(set(v) <= {"wbits", "abits"} for v in saved.values())
     again = tmp_path / "again.onnx"
     assert main(["quantize", RESNET, "-o", str(again), "--bits-plan", str(plan_file), *common]) == 0
@@ -171,6 +173,53 @@ def test_mixed_plan_with_reconstruction_passes_parity(tmp_path, work_dir):
     by_hand = _check_against_the_file(result, Targets(avg_wbits=3.5))
     assert len({w for _, w, _ in by_hand["nodes"].values()}) >= 3, by_hand["nodes"]  # 8 at the ends, two more inside
     assert all(p["within_one_step"] > 0.99 for p in result.report.parity)
+    # the plan was scored after short reconstructions, and the run measured what it predicted
+    mixed = result.report.mixed_precision
+    assert mixed["scored_after"] == SensitivityConfig().tune_iters
+    assert mixed["predicted_loss"] > 0 and mixed["measured_loss"] > 0
+    assert len(mixed["block_losses"]) == len(result.report.reconstruction["blocks"])
+
+
+def test_scores_after_reconstruction_lower_the_round_to_nearest_ones(tmp_path):
+    """Each configuration's loss after its short reconstruction is at most its round-to-nearest
+    loss (reconstruction keeps rounding to nearest where tuning does not help), and 2-bit
+    weights, whose rounding error learned rounding recovers most, gain somewhere."""
+    from onnxqlimit.mixed.sensitivity import measure, probe_schedule
+    from onnxqlimit.pipeline import place_and_calibrate, prepare
+
+    recon = ReconConfig(method="qdrop", calib_size=16, batch_size=8)
+    config = SensitivityConfig(samples=16, tune_iters=30)
+    ctx = prepare(RESNET, CALIB, QuantConfig(), RunOptions(recon=recon, progress=False,
+                                                          mixed=MixedConfig(Targets(avg_wbits=4.0), config)))
+    state = place_and_calibrate(ctx)
+    tables = [measure(ctx.mirror, ctx.model, state, ctx.feeds, config, recon.block_config, ({}, {}), progress=False,
+                      tune=tune) for tune in (None, probe_schedule(recon, config))]
+    gains = []
+    for rtn_options, tuned_options in zip(*(t.blocks for t in tables)):
+        for rtn, tuned in zip(rtn_options, tuned_options):
+            assert rtn.bits == tuned.bits and tuned.loss <= rtn.loss * (1 + 1e-6)
+            if min(rtn.bits.values()) == 2:
+                gains.append(tuned.loss / rtn.loss)
+    assert gains and min(gains) < 0.9, gains
+
+
+def test_sixteen_bit_activations_are_a_search_choice(tmp_path, work_dir):
+    """--abits-choices 8,16: the file holds int16/uint16 activation Q/DQ (opset 21), passes
+    parity, and its BitOps count 16 bits where the plan put them."""
+    targets = Targets(bitops=1.2e9)  # between uniform W8A8 (0.88 G) and W8A16
+    result = quantize(
+        RESNET, tmp_path / "a16.onnx", CALIB, QuantConfig.of(wbits=8, abits=8),
+        RunOptions(recon=ReconConfig(method="rtn", calib_size=64), progress=False, work_dir=str(work_dir),
+                   mixed=MixedConfig(targets, SensitivityConfig(wbits_choices=(4, 8), abits_choices=(8, 16),
+                                                                samples=16))))
+    model = onnx.load(str(result.output_path))
+    inits = {t.name: t for t in model.graph.initializer}
+    act_types = {inits[n.input[2]].data_type for n in model.graph.node
+                 if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits}
+    assert act_types & {onnx.TensorProto.INT16, onnx.TensorProto.UINT16}, act_types
+    assert model.opset_import[0].version >= 21
+    by_hand = _check_against_the_file(result, targets)
+    assert 16 in {a for _, _, a in by_hand["nodes"].values()}
 
 
 def test_milp_is_exact_and_ga_finds_a_feasible_plan():

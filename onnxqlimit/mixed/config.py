@@ -50,6 +50,10 @@ class SensitivityConfig:
     samples: int = 32  # calibration samples the losses are averaged over
     chunk: int = 16  # samples per forward pass
     max_block_configs: int = 32  # joint configurations measured per block at most
+    # Iterations of the short reconstruction each configuration gets before it is scored, so
+    # the search ranks plans by their loss after reconstruction (0: round to nearest, as an
+    # rtn run always does).
+    tune_iters: int = 50
 
     def __post_init__(self):
         for kind, name, widths in (("weight", "--wbits-choices", self.wbits_choices),
@@ -60,6 +64,8 @@ class SensitivityConfig:
                 check_bits(kind, bits, name)
         if self.samples < 1 or self.chunk < 1 or self.max_block_configs < 2:
             raise QLimitError("sensitivity samples, chunk and block configurations must be positive")
+        if self.tune_iters < 0:
+            raise QLimitError(f"--sens-iters must be 0 (round to nearest) or positive (got {self.tune_iters})")
 
 
 @dataclass(frozen=True)

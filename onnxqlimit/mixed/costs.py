@@ -26,7 +26,7 @@ import torch
 from ..mirror import Mirror
 from ..qdq import activation_storage_bytes, bias_storage_bytes, packed_integers, weight_storage_bytes
 from ..quant.bits import BitPlan
-from ..quant.fake_quant import FakeQuantize, quantizers_disabled
+from ..quant.fake_quant import BiasQuantize, FakeQuantize, quantizers_disabled
 from ..quant.policy import COMPUTE_OPS, QuantPoint, operands
 from ..quant.widths import FLOAT_BITS, container_bits, stored_bytes
 from ..weights import array as tensor_array
@@ -50,6 +50,8 @@ class CostModel:
         self.numel = {t: int(np.prod(shape)) for t, shape in self.shapes.items()}
         self.layer_numel = {t: n for t, n in self.numel.items() if not self.points[t].table}  # what avg_wbits weighs
         used = {t for n in model.graph.node for t in n.input}
+        hooks = {p.tensor: mirror.get_hook(p.bias[0]) for p in weights if p.bias is not None}
+        self.bias_widths = {t: h.widths for t, h in hooks.items() if isinstance(h, BiasQuantize)}
         self.base_bytes = sum(stored_bytes(t) for t in model.graph.initializer
                               if t.name in used and t.name not in self.numel)
         self.nodes = _node_costs(mirror, self.points, quantizers, sample)
@@ -57,12 +59,17 @@ class CostModel:
 
     # ------------------------------------------------------------ per quantizer / per node
 
-    def storage(self, tensor: str, bits: int) -> int:
+    def storage(self, tensor: str, bits: int, plan: Mapping[str, int] | None = None) -> int:
+        """Bytes of one quantizer at `bits`. An int32 bias adds its scales where the layer's
+        weight and input widths both take one (BiasQuantize); with the input's width not in
+        `plan`, counted as if it did, so an estimate never falls below the file's bytes."""
         spec = replace(self.points[tensor].spec, bits=bits)
         if tensor in self.numel:
-            bias = self.points[tensor].bias
+            point, widths = self.points[tensor], self.bias_widths.get(tensor, ())
+            act_bits = (plan or {}).get(point.bias[1]) if point.bias is not None else None
+            int32 = bits in widths and (act_bits is None or act_bits in widths)
             extra = bias_storage_bytes(self.shapes[tensor][spec.channel_axis] if spec.channel_axis is not None
-                                       else 1) if bias is not None else 0
+                                       else 1) if int32 else 0
             return weight_storage_bytes(spec, self.shapes[tensor]) + extra
         return activation_storage_bytes(spec)
 
@@ -98,7 +105,7 @@ class CostModel:
         weight_bits = sum(n * bits[t] for t, n in layers.items())
         stored_wbits = sum(n * container_bits(bits[t]) for t, n in layers.items())
         params = max(1, sum(layers.values()))
-        costs = {"size_bytes": self.base_bytes + sum(self.storage(t, bits[t]) for t in self.points),
+        costs = {"size_bytes": self.base_bytes + sum(self.storage(t, bits[t], bits) for t in self.points),
                  "avg_wbits": weight_bits / params, "container_wbits": stored_wbits / params,
                  "bitops": sum(self.node_bitops(n, bits) for n in self.nodes)}
         if self.latency is not None:

@@ -1,8 +1,9 @@
 """The mixed-precision search: sensitivities + costs -> the best bit plan within the budgets.
 
 It runs after calibration and before reconstruction, because learned rounding is tied to
-a width: the plan is chosen on round-to-nearest sensitivities, then reconstruction tunes
-the model at the chosen widths.
+a width: the plan is chosen on sensitivities scored as reconstruction will leave them
+(sensitivity.py; round to nearest for an rtn run), then reconstruction tunes the model at
+the chosen widths.
 
 Budgets are linear in the per-block choices except BitOps and latency, whose terms
 multiply a layer's weight width by its input's width. When that input's quantizer belongs
@@ -36,7 +37,7 @@ from .config import UNITS, EvalData, MixedConfig
 from .costs import CostModel
 from .latency import FLOAT, model_latency_ms, node_latency_table
 from .metric import relative_score
-from .sensitivity import SensitivityTable, load_or_measure
+from .sensitivity import SensitivityTable, load_or_measure, probe_schedule
 from .solvers import Problem, solve
 
 FRONTIER_POINTS = 12  # plans along the primary budget tried for --target-metric
@@ -53,6 +54,15 @@ class SearchResult:
     sensitivity_cached: bool
     metric_estimate: float | None = None  # --target-metric: the plan's score with round-to-nearest
     frontier: list[dict] = field(default_factory=list)  # plans tried for --target-metric
+    scored_after: int = 0  # reconstruction iterations the losses were measured after (0: round to nearest)
+    block_losses: list[float] = field(default_factory=list)  # predicted loss of each block's chosen option
+    measured_loss: float | None = None  # the exported file's task loss against float (held-back samples)
+
+    def notes(self) -> dict:
+        """What a saved plan records of how it was chosen: predicted beside measured loss."""
+        return {"scored": f"after {self.scored_after} reconstruction iterations per configuration"
+                if self.scored_after else "round to nearest", "predicted_loss": self.predicted_loss,
+                "measured_loss": self.measured_loss, "block_losses": self.block_losses, "costs": self.costs}
 
 
 def search(ctx: Context, state: QuantState) -> SearchResult:
@@ -82,8 +92,11 @@ def search(ctx: Context, state: QuantState) -> SearchResult:
         if choice is None:
             raise QLimitError(_unreachable_together(problem, const, names, budgets))
     plan = _plan_of(table, choice, state.points)
+    tune = probe_schedule(ctx.recon, config.sensitivity)
     return SearchResult(plan, problem.totals(choice)[0], costs.evaluate(plan), config.solver,
-                        time.perf_counter() - started, table.seconds, table.from_cache, **result_extra)
+                        time.perf_counter() - started, table.seconds, table.from_cache, **result_extra,
+                        scored_after=tune.iters if tune is not None else 0,
+                        block_losses=[float(l[i]) for l, i in zip(problem.losses, choice)])
 
 
 def _plan_of(table: SensitivityTable, choice: list[int], points: list[QuantPoint]) -> BitPlan:
@@ -107,7 +120,7 @@ def _problem(table: SensitivityTable, costs: CostModel, names: list[str], limits
         rows = []
         for option in options:
             bits = {**upper, **option.bits}
-            row = {"size_bytes": sum(costs.storage(t, w) for t, w in option.bits.items()),
+            row = {"size_bytes": sum(costs.storage(t, w, option.bits) for t, w in option.bits.items()),
                    "avg_wbits": sum(costs.layer_numel[t] * w for t, w in option.bits.items() if t in costs.layer_numel) / params,
                    "bitops": sum(costs.node_bitops(n, bits) for n in nodes)}
             if costs.latency is not None:

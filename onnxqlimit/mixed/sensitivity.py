@@ -15,18 +15,26 @@ measured jointly, not summed from single-quantizer terms. The single-quantizer t
 diagonal) are measured too: they guide which configurations to measure in blocks too
 large to enumerate, and are what the validation tool ranks against the real loss.
 
+Reconstruction then changes these losses, and not alike: learned rounding recovers far
+more of a 2-bit weight's error than of a 4-bit one's (docs/mixed_precision.md). A run
+that reconstructs (any method but rtn) therefore scores each block's configurations
+after reconstruction: its uniform configurations are reconstructed briefly
+(SensitivityConfig.tune_iters iterations, from float inputs) and the factor each one
+gains scales the round-to-nearest losses of the configurations like it.
+
 The table depends on the model, the calibration data and these options only, so it is
 cached in the work directory: a new budget is a new search, not a new measurement.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -38,9 +46,12 @@ from ..progress import progress_bar
 from ..quant.fake_quant import quantizers_disabled, set_enabled
 from ..quant.policy import COMPUTE_OPS, QuantPoint, operands
 from ..quant.runtimes import RuntimeProfile, profile
+from ..recon.block_cache import BatchLayout, TensorCache
 from ..recon.blocks import Block, BlockConfig, find_blocks
-from ..recon.fisher import GradTap, sampled_nll
-from ..recon.runner import quantizer_owners
+from ..recon.config import ReconConfig
+from ..recon.fisher import GradTap, damped, sampled_nll
+from ..recon.runner import BlockRunner, probe_layouts, quantizer_owners
+from ..recon.tune import rtn_restorer, tune_block
 from ..state import QuantState
 from .config import SensitivityConfig
 
@@ -98,11 +109,13 @@ def load_or_measure(ctx: Context, state: QuantState,
     """The sensitivity table of this run: from the work dir's cache when an identical run
     measured it, else measured (and cached)."""
     config, block_config, seed = ctx.options.mixed.sensitivity, ctx.recon.block_config, ctx.options.seed
+    tune = probe_schedule(ctx.recon, config)
     path = None
     if ctx.options.work_dir is not None:
         # Widths are what the table varies; everything else about the quantizers is part of the key.
         settings = {**asdict(ctx.config), "widths": {k: v for k, v in asdict(ctx.config.widths).items()
-                                                     if k not in ("wbits", "abits")}}
+                                                     if k not in ("wbits", "abits")},
+                    "tune": asdict(tune) if tune is not None else None}
         key = cache_key(ctx.model, ctx.feeds, state, config, block_config, settings, seed)
         path = Path(ctx.options.work_dir) / f"sensitivity-{key}.json"
         if path.is_file():
@@ -112,13 +125,22 @@ def load_or_measure(ctx: Context, state: QuantState,
                 pass  # a damaged cache file is measured again and overwritten
     runs = runnable(ctx.model, state.points, profile(ctx.config.runtime))
     table = measure(ctx.mirror, ctx.model, state, ctx.feeds, config, block_config, hints, seed, ctx.options.progress,
-                    runs)
+                    runs, tune)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(table.to_json()))
         tmp.replace(path)
     return table
+
+
+def probe_schedule(recon: ReconConfig, config: SensitivityConfig) -> ReconConfig | None:
+    """The short reconstruction each configuration gets before it is scored: the run's own
+    method and settings for config.tune_iters iterations; None (round to nearest) for an
+    rtn run or tune_iters 0."""
+    if recon.method == "rtn" or config.tune_iters == 0:
+        return None
+    return replace(recon, iters=config.tune_iters)
 
 
 @dataclass
@@ -132,18 +154,23 @@ class _Samples:
 
 def measure(mirror: Mirror, model: onnx.ModelProto, state: QuantState, feeds: Mapping[str, np.ndarray],
             config: SensitivityConfig, block_config: BlockConfig, hints: tuple[Mapping[str, float], Mapping[str, float]],
-            seed: int = 0, progress: bool = True,
-            runs: Callable[[Mapping[str, int]], bool] | None = None) -> SensitivityTable:
+            seed: int = 0, progress: bool = True, runs: Callable[[Mapping[str, int]], bool] | None = None,
+            tune: ReconConfig | None = None) -> SensitivityTable:
     """Measure the table; `hints` are (parameters, multiply-adds) per quantizer, to steer
     which configurations of large blocks are measured; `runs` (see runnable) drops the
-    configurations the runtime cannot run."""
+    configurations the runtime cannot run; with `tune` (a reconstruction schedule) every
+    configuration is scored after a short reconstruction at its widths."""
     started = time.perf_counter()
     blocks = find_blocks(model, block_config)
     owners, on_entry = quantizer_owners(mirror, blocks, state.points)
     choices = {p.tensor: [p.spec.bits] if p.fixed else
                sorted(set(config.wbits_choices if p.kind == "weight" else config.abits_choices)) for p in state.points}
-    samples = _float_pass(mirror, state, feeds, blocks, config, seed)
-    runner = _BlockLoss(mirror, state, samples, on_entry)
+    samples = float_pass(mirror, state, feeds, blocks, config, seed, tune)
+    layouts = None
+    if tune is not None:
+        torch_feeds = {k: torch.from_numpy(np.ascontiguousarray(v[: samples.count])) for k, v in feeds.items()}
+        layouts = probe_layouts(mirror, state.quantizers, torch_feeds, list(samples.values))
+    runner = BlockLoss(mirror, state, samples, on_entry, tune, seed, layouts)
     table = SensitivityTable(choices, {p.tensor: b for b, pts in owners.items() for p in pts}, {},
                              [[] for _ in blocks], samples.count)
     bar = progress_bar(progress, total=len(blocks), desc="sensitivity", unit="block", leave=False)
@@ -158,8 +185,10 @@ def measure(mirror: Mirror, model: onnx.ModelProto, state: QuantState, feeds: Ma
             if runs is not None:  # else the widest configuration: every runtime runs W8A8 or float
                 widest = {p.tensor: max(choices[p.tensor]) for p in owned}
                 configs = [c for c in configs if runs(c)] or [widest]
-            for bits in configs:
-                table.blocks[block.index].append(BlockOption(bits, runner.loss(block, owned, bits)))
+            losses = [runner.loss(block, owned, bits) for bits in configs]
+            if tune is not None and len(configs) > 1:
+                losses = _after_reconstruction(runner, block, owned, configs, losses, table.diagonal)
+            table.blocks[block.index] = [BlockOption(bits, loss) for bits, loss in zip(configs, losses)]
             bar.update()
     finally:
         bar.close()
@@ -168,8 +197,13 @@ def measure(mirror: Mirror, model: onnx.ModelProto, state: QuantState, feeds: Ma
     return table
 
 
-def _float_pass(mirror: Mirror, state: QuantState, feeds: Mapping[str, np.ndarray], blocks: list[Block],
-                config: SensitivityConfig, seed: int) -> _Samples:
+def float_pass(mirror: Mirror, state: QuantState, feeds: Mapping[str, np.ndarray], blocks: list[Block],
+                config: SensitivityConfig, seed: int, tune: ReconConfig | None = None) -> _Samples:
+    """The float model's block-boundary tensors and Fisher diagonal on the first config.samples
+    samples, in chunks of config.chunk - or of the short reconstructions' batch size, which
+    must be the chunks' (a shape computed from the batch is cached once for every batch)."""
+    if tune is not None:
+        config = replace(config, chunk=tune.batch_size)
     total = len(next(iter(feeds.values())))
     count = min(config.samples, total)
     kept = list(dict.fromkeys([*mirror.input_names, *(t for b in blocks for t in b.inputs + b.context + b.outputs)]))
@@ -200,11 +234,15 @@ def _float_pass(mirror: Mirror, state: QuantState, feeds: Mapping[str, np.ndarra
     return samples
 
 
-class _BlockLoss:
-    """Runs one block from float inputs with some of its quantizers at given widths."""
+class BlockLoss:
+    """Runs one block from float inputs with some of its quantizers at given widths; with
+    `tune` (a reconstruction schedule), each configuration is first reconstructed briefly."""
 
-    def __init__(self, mirror: Mirror, state: QuantState, samples: _Samples, on_entry: set[str]):
+    def __init__(self, mirror: Mirror, state: QuantState, samples: _Samples, on_entry: set[str],
+                 tune: ReconConfig | None = None, seed: int = 0, layouts: Mapping[str, BatchLayout] | None = None):
         self.mirror, self.state, self.samples, self.on_entry = mirror, state, samples, on_entry
+        self.tune, self.seed = tune, seed
+        self.runner = _probe_runner(mirror, state, samples, on_entry, tune, layouts) if tune is not None else None
 
     def _configure(self, owned: list[QuantPoint], bits: Mapping[str, int]) -> None:
         set_enabled(self.state.quantizers, False)
@@ -216,7 +254,33 @@ class _BlockLoss:
                 quantizer.enabled = True
 
     def loss(self, block: Block, owned: list[QuantPoint], bits: Mapping[str, int]) -> float:
+        """The block's predicted task-loss increase with `bits`, rounded to nearest."""
         self._configure(owned, bits)
+        return self.evaluate(block)
+
+    def tuned_loss(self, block: Block, owned: list[QuantPoint], bits: Mapping[str, int]) -> float:
+        """The same after a short reconstruction at exactly these widths, or rounded to nearest
+        where that is lower (reconstruction keeps round to nearest where tuning does not help)."""
+        rtn = self.loss(block, owned, bits)
+        with self.tuned(block, owned, bits):
+            return min(rtn, self.evaluate(block))
+
+    @contextlib.contextmanager
+    def tuned(self, block: Block, owned: list[QuantPoint], bits: Mapping[str, int]) -> Iterator[None]:
+        """Inside the `with`: the block's quantizers at `bits`, reconstructed (the others off);
+        round to nearest again after it."""
+        self._configure(owned, bits)
+        tuned = [replace(p, spec=replace(p.spec, bits=bits[p.tensor])) for p in owned if p.tensor in bits]
+        restore = rtn_restorer(self.runner, tuned)
+        try:
+            tune_block(self.runner, block, self.mirror.initializers_read(block.node_range), tuned, self.tune,
+                       self.seed, None)
+            yield
+        finally:
+            restore()
+
+    def evaluate(self, block: Block) -> float:
+        """The block's Fisher-weighted output error with its quantizers as they are."""
         mirror, samples = self.mirror, self.samples
         total = 0.0
         with torch.no_grad():
@@ -234,11 +298,62 @@ class _BlockLoss:
 
     def restore(self) -> None:
         """Every quantizer back to its point's width and scales, enabled."""
+        if self.runner is not None:
+            self.runner.close()
         for point in self.state.points:
             quantizer = self.state.quantizers[point.tensor]
             quantizer.spec = point.spec
             quantizer.set_qparams(*self.state.calibration.qparams(point, point.spec.bits))
         set_enabled(self.state.quantizers, True)
+
+
+def _after_reconstruction(runner: BlockLoss, block: Block, owned: list[QuantPoint], configs: list[dict[str, int]],
+                          losses: list[float], diagonal: Mapping[str, Mapping[int, float]]) -> list[float]:
+    """The block's losses after reconstruction, from short reconstructions of its uniform
+    configurations only (every weight at one width, every activation at one width; the
+    widest is left as it is): each of those gives the factor by which reconstruction
+    scales the round-to-nearest loss at its (weight, activation) widths, and every other
+    configuration takes the factor of its dominant weight width (the width of the weight
+    whose round-to-nearest loss alone is largest in it) and narrowest activation width.
+    One reconstruction per uniform configuration keeps the cost near one run's."""
+    kinds = {p.tensor: p.kind for p in owned}
+
+    def widths(bits: Mapping[str, int]) -> tuple[set[int], set[int]]:
+        return ({b for t, b in bits.items() if kinds[t] == "weight"},
+                {b for t, b in bits.items() if kinds[t] == "activation"})
+
+    factors: dict[tuple[int | None, int | None], float] = {}
+    top = max(range(len(configs)), key=lambda i: sum(configs[i].values()))
+    for i, bits in enumerate(configs):
+        w, a = widths(bits)
+        if len(w) <= 1 and len(a) <= 1 and i != top and losses[i] > 0:
+            key = (next(iter(w), None), next(iter(a), None))
+            factors[key] = runner.tuned_loss(block, owned, bits) / losses[i]
+    scaled = []
+    for bits, loss in zip(configs, losses):
+        weights = [t for t in bits if kinds[t] == "weight"]
+        dominant = max(weights, key=lambda t: diagonal.get(t, {}).get(bits[t], 0.0)) if weights else None
+        acts = widths(bits)[1]
+        scaled.append(loss * factors.get((bits[dominant] if dominant else None, min(acts) if acts else None), 1.0))
+    return scaled
+
+
+def _probe_runner(mirror: Mirror, state: QuantState, samples: _Samples, on_entry: set[str], tune: ReconConfig,
+                  layouts: Mapping[str, BatchLayout]) -> BlockRunner:
+    """A reconstruction runner over the sensitivity samples, both caches holding the float
+    model's tensors (each block is tuned from float inputs, as the table assumes) and, for
+    a Fisher loss, the same weighting reconstruction uses (fisher.py) from the table's gradients."""
+    n = samples.count
+    runner = BlockRunner(mirror, state.quantizers, n, min(tune.batch_size, n), dict(layouts), tune.cache_gb)
+    runner.on_entry = set(on_entry)
+    for name, chunks in samples.values.items():
+        for cache in (runner.fp, runner.q):
+            cache.put(name, chunks)
+    if tune.loss == "fisher":
+        runner.fisher = TensorCache(dict(layouts), tune.cache_gb * 2**30 / 4, mirror.device)
+        for name, chunks in samples.fisher.items():  # the table keeps squared gradients
+            runner.fisher.put(name, damped([c.sqrt() for c in chunks]))
+    return runner
 
 
 def runnable(model: onnx.ModelProto, points: list[QuantPoint], runtime: RuntimeProfile) -> Callable[[Mapping[str, int]], bool]:

@@ -22,6 +22,9 @@ from .policy import QuantPoint
 from .widths import check_bits, required_opset
 
 
+NOTES_KEY = "__search__"  # a saved plan's record of how the search scored it (not a node)
+
+
 @dataclass(frozen=True)
 class BitPlan:
     """tensor name -> bit width, for every quantizer of a model."""
@@ -78,8 +81,10 @@ class BitPlan:
         start = dict(base.bits) if base is not None else {p.tensor: p.spec.bits for p in points}
         return cls({**start, **chosen})
 
-    def save(self, path: str | Path, points: list[QuantPoint]) -> None:
-        Path(path).write_text(json.dumps(self.to_nodes(points), indent=1) + "\n")
+    def save(self, path: str | Path, points: list[QuantPoint], notes: Mapping | None = None) -> None:
+        """The node view as JSON; `notes` (how a search scored the plan) under NOTES_KEY, which reading skips."""
+        data = {NOTES_KEY: dict(notes), **self.to_nodes(points)} if notes else self.to_nodes(points)
+        Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
 
 def read_plan_file(path: str | Path) -> dict[str, dict[str, int]]:
@@ -90,6 +95,8 @@ def read_plan_file(path: str | Path) -> dict[str, dict[str, int]]:
         raise QLimitError(f"{path}: no such bit plan file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise QLimitError(f"{path}: not a JSON bit plan ({err})") from None
+    if isinstance(entries, dict):
+        entries.pop(NOTES_KEY, None)
     if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
         raise QLimitError(f"{path}: a bit plan is a JSON object {{node: {{\"wbits\": W, \"abits\": A}}}}")
     return entries

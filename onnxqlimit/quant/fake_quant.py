@@ -246,17 +246,20 @@ class BiasQuantize(nn.Module):
     # float32, which the int32 cast then wraps to -2**31 (a flipped bias in the file)
     INT32 = (-(2**31), 2**31 - 128)
 
-    def __init__(self, hooks, quantizers: Mapping[str, FakeQuantize], act: str, weight: str):
+    def __init__(self, hooks, quantizers: Mapping[str, FakeQuantize], act: str, weight: str,
+                 widths: tuple[int, ...] = (8,)):
         super().__init__()
         self._refs = (hooks, quantizers)  # a tuple: not registered as submodules (they live elsewhere)
         self.act, self.weight = act, weight
+        self.widths = widths  # the widths the runtime fuses (runtimes.py): at others the bias stays float
 
     def scale(self) -> torch.Tensor | None:
-        """The bias scale, or None while the activation is not being quantized."""
+        """The bias scale, or None while the activation is not being quantized, or while a plan
+        gives the layer widths no integer kernel takes (a uniform run at them keeps it float too)."""
         hooks, quantizers = self._refs
         act, weight = quantizers[self.act], quantizers[self.weight]
         if hooks.get_hook(self.act) is not act or not (act.enabled and weight.enabled) \
-                or act.spec.is_float or weight.spec.is_float:  # (a plan made the layer weight-only or float)
+                or act.spec.bits not in self.widths or weight.spec.bits not in self.widths:
             return None
         return act.scale.reshape(()) * weight.scale.reshape(-1)
 

@@ -97,5 +97,10 @@ def fisher_weights(mirror: Mirror, quantizers: Mapping[str, FakeQuantize], batch
         for name, hook in originals.items():
             mirror.set_hook(name, hook)
     for name, chunks in grads.items():
-        mean = torch.cat([c.reshape(-1) for c in chunks]).mean().clamp_min(1e-30)
-        cache.put(name, [(1 + c / mean).pow(2) for c in chunks])
+        cache.put(name, damped(chunks))
+
+
+def damped(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """(1 + |g| / mean|g|)^2 per element, the mean over all chunks of one tensor."""
+    mean = torch.cat([g.reshape(-1) for g in grads]).abs().mean().clamp_min(1e-30)
+    return [(1 + g.abs() / mean).pow(2) for g in grads]
