@@ -79,9 +79,14 @@ MACS_MATMUL = 6 * 10  # 60
 PARAMS = {"w1": 4 * 3 * 3 * 3, "w2": 4 * 1 * 3 * 3, "w3": 10 * 64, "w4": 10 * 6}  # 108, 36, 640, 60
 BIAS_BYTES = 4 * 4 + 10 * 4  # b1 and b3: float32, or int32 of the same size
 # Placed at W8A8 (the fused form, runtimes.py): b1 and b3 become int32 with one float32 scale
-# per output channel, and the output of dw (c2, read by Flatten) gets an 8-bit Q/DQ pair;
-# conv1's output reaches r1's Q through its Relu; the Gemm and MatMul need none.
-FUSED_BYTES = 4 * 4 + 10 * 4 + (4 + 1)
+# per output channel while their layer's weight and input are both at 8 bits (the widths an
+# integer kernel takes; a plan at others keeps the bias float), and the output of dw (c2,
+# read by Flatten) gets an 8-bit Q/DQ pair; conv1's output reaches r1's Q through its Relu;
+# the Gemm and MatMul need none.
+
+
+def fused_bytes(bits: dict[str, int]) -> int:
+    return 4 * 4 * (bits["w1"] == bits["x"] == 8) + 10 * 4 * (bits["w3"] == bits["f"] == 8) + (4 + 1)
 
 
 def container(bits: int) -> int:
@@ -123,7 +128,7 @@ def hand_costs(bits: dict[str, int], per_channel: bool = True, fused: bool = Fal
             + hand_weight_bytes(60, channels["w4"], bits["w4"])  # MatMul: axis 1 of [10,6]
             + hand_weight_bytes(50, 5, bits["table"])  # Gather table: one scale per row
             + sum(hand_activation_bytes(bits[a]) for a in ("x", "r1", "f", "s"))
-            + (FUSED_BYTES if fused else 0))
+            + (fused_bytes(bits) if fused else 0))
     params = sum(PARAMS.values())
     return {"bitops": bitops, "size_bytes": size,
             "avg_wbits": sum(PARAMS[w] * bits[w] for w in PARAMS) / params,
