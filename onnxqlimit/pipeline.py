@@ -41,7 +41,7 @@ from .quant.bits import BitPlan, plan_widths, read_plan_file
 from .quant.config import QuantConfig
 from .quant.policy import place
 from .quant.reach import last_layers
-from .quant.runtimes import profile, restrict_choices
+from .quant.runtimes import fusion_inputs, profile, restrict_choices, unfused_outputs
 from .quant.widths import required_opset
 from .recon import ReconResult, reconstruct
 from .recon.checkpoint import Checkpoints, run_key
@@ -191,8 +191,11 @@ def choose_widths(ctx: Context, state: QuantState) -> SearchResult | None:
     set; activation ranges are observed again when weight widths changed."""
     options, default = ctx.options, state.plan
     searched = None
-    if ctx.plan_entries is not None:
-        state.apply(BitPlan.from_nodes(ctx.plan_entries, state.points))
+    if ctx.plan_entries is not None:  # output pairs follow their node's fusion, as in a searched plan
+        plan = BitPlan.from_nodes(ctx.plan_entries, state.points)
+        fused_bits = profile(ctx.config.runtime).fused_bits
+        state.apply(plan.with_bits(unfused_outputs(fusion_inputs(ctx.model.graph, state.points), plan.bits,
+                                                   fused_bits)))
     elif options.mixed.targets.any():
         searched = search(ctx, state)
         state.apply(searched.plan)
@@ -229,7 +232,8 @@ def export_and_validate(ctx: Context, state: QuantState, output_path: Path, sear
         qmodel = export_qdq(ctx.model, ctx.mirror, state, staged.store if weights.on_disk(ctx.model) else None)
         qmodel = staged.write(qmodel, external_data=ctx.external_data)
         parity, flips = check_file(staged.path, ctx.mirror, state, parity_feeds, fixed_batch_size(ctx.model), batch_size)
-        costs = file_costs(qmodel, CostModel(ctx.model, ctx.mirror, state.points, state.quantizers, ctx.feeds), state.plan)
+        costs = file_costs(qmodel, CostModel(ctx.model, ctx.mirror, state.points, state.quantizers, ctx.feeds,
+                                             fused_bits=profile(ctx.config.runtime).fused_bits), state.plan)
         if searched is not None and "latency_ms" in searched.costs:  # a table estimate; the file's own time is measured
             costs["latency_ms"] = searched.costs["latency_ms"]
             costs["measured_latency_ms"] = model_latency_ms(str(staged.path), {k: v[:1] for k, v in ctx.feeds.items()},

@@ -81,12 +81,13 @@ BIAS_BYTES = 4 * 4 + 10 * 4  # b1 and b3: float32, or int32 of the same size
 # Placed at W8A8 (the fused form, runtimes.py): b1 and b3 become int32 with one float32 scale
 # per output channel while their layer's weight and input are both at 8 bits (the widths an
 # integer kernel takes; a plan at others keeps the bias float), and the output of dw (c2,
-# read by Flatten) gets an 8-bit Q/DQ pair; conv1's output reaches r1's Q through its Relu;
-# the Gemm and MatMul need none.
+# read by Flatten) gets an 8-bit Q/DQ pair while dw fuses (left float otherwise); conv1's
+# output reaches r1's Q through its Relu; the Gemm and MatMul need none.
 
 
 def fused_bytes(bits: dict[str, int]) -> int:
-    return 4 * 4 * (bits["w1"] == bits["x"] == 8) + 10 * 4 * (bits["w3"] == bits["f"] == 8) + (4 + 1)
+    return (4 * 4 * (bits["w1"] == bits["x"] == 8) + 10 * 4 * (bits["w3"] == bits["f"] == 8)
+            + (4 + 1) * (bits["w2"] == bits["r1"] == 8))
 
 
 def container(bits: int) -> int:

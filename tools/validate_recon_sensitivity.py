@@ -7,10 +7,13 @@ For each block and each uniform configuration of it (every weight at one width, 
 activation at one width, below the widest), three predictions of the task-loss increase
 and one measurement:
 
-- rtn: the block's Fisher-weighted output error with round-to-nearest quantizers (the
-  search's table with --sens-iters 0);
-- probe: the same after a short reconstruction of the block at that configuration (the
-  table with --sens-iters N, the default);
+- block rtn: the block's Fisher-weighted output error with round-to-nearest quantizers,
+  from float inputs (what the search's table held before 2026-12-05);
+- model rtn: the whole model's task loss, run from the block on with only the block
+  quantized, round to nearest, on the sensitivity samples (the table of an rtn run or of
+  --sens-iters 0, for these configurations);
+- model probe: the same after a short reconstruction of the block at that configuration
+  (the table with --sens-iters N, the default);
 - measured: the block reconstructed with the full schedule of the run (the fast preset,
   all calibration samples), every other block float, and the whole model's task loss
   against the float model on held-out samples - what a plan pays for that block after
@@ -25,6 +28,7 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -61,7 +65,7 @@ def _prober(ctx, state, blocks, on_entry, samples: int, tune: ReconConfig | None
 
 
 def validate(name: str, calib: int, held: int, sens_samples: int, probe_iters: int, pairs: int, wbits, abits,
-             chunk: int) -> dict:
+             chunk: int, probe_lr: float | None = None) -> dict:
     model = load(name, tempfile.mkdtemp(prefix='validate-'))  # where generated models are exported
     source = model.calibration(calib + held)
     calib = min(calib, len(next(iter(source.values()))) - held)  # the zoo ships 256 samples in all
@@ -75,8 +79,9 @@ def validate(name: str, calib: int, held: int, sens_samples: int, probe_iters: i
     with quantizers_disabled(state.quantizers), torch.no_grad():
         reference = [ctx.mirror.run(b) for b in batches(held_out, chunk)]
     rtn = _prober(ctx, state, blocks, on_entry, sens_samples, None)
+    schedule = probe_schedule(recon, SensitivityConfig(tune_iters=probe_iters))
     probe = _prober(ctx, state, blocks, on_entry, sens_samples,
-                    probe_schedule(recon, SensitivityConfig(tune_iters=probe_iters)))
+                    replace(schedule, lr_round=probe_lr) if probe_lr else schedule)
     full = _prober(ctx, state, blocks, on_entry, calib, recon)
     cases = []
     for block in blocks:
@@ -91,13 +96,16 @@ def validate(name: str, calib: int, held: int, sens_samples: int, probe_iters: i
     if pairs and pairs < len(cases):
         picks = np.random.default_rng(0).choice(len(cases), pairs, replace=False)
         cases = [cases[i] for i in sorted(picks)]
-    rows, seconds = [], {"rtn": 0.0, "probe": 0.0, "full": 0.0}
+    rows, seconds = [], {"rtn": 0.0, "model": 0.0, "probe": 0.0, "full": 0.0}
     for block, owned, bits, label in cases:
         started = time.perf_counter()
         predicted_rtn = rtn.loss(block, owned, bits)
         seconds["rtn"] += time.perf_counter() - started
         started = time.perf_counter()
-        predicted_probe = probe.tuned_loss(block, owned, bits)
+        predicted_model = rtn.model_loss(block, owned, bits)
+        seconds["model"] += time.perf_counter() - started
+        started = time.perf_counter()
+        predicted_probe = probe.model_loss(block, owned, bits)
         seconds["probe"] += time.perf_counter() - started
         started = time.perf_counter()
         full._configure(owned, bits)
@@ -105,14 +113,15 @@ def validate(name: str, calib: int, held: int, sens_samples: int, probe_iters: i
         with full.tuned(block, owned, bits):
             after = _model_loss(ctx.mirror, held_out, reference, chunk)
         seconds["full"] += time.perf_counter() - started
-        rows.append((block.index, label, predicted_rtn, predicted_probe, min(before, after)))
-        print(f"  block {block.index} {label}: rtn {predicted_rtn:.4g} probe {predicted_probe:.4g} "
-              f"measured {min(before, after):.4g} (rtn measured {before:.4g})", flush=True)
+        rows.append((block.index, label, predicted_rtn, predicted_model, predicted_probe, min(before, after)))
+        print(f"  block {block.index} {label}: block rtn {predicted_rtn:.4g} model rtn {predicted_model:.4g} "
+              f"model probe {predicted_probe:.4g} measured {min(before, after):.4g} (rtn measured {before:.4g})",
+              flush=True)
     for prober in (rtn, probe, full):
         prober.restore()
     data = np.array([r[2:] for r in rows])
-    return {"model": name, "pairs": len(rows), "rho_rtn": spearmanr(data[:, 0], data[:, 2]).statistic,
-            "rho_probe": spearmanr(data[:, 1], data[:, 2]).statistic, "seconds": seconds, "rows": rows}
+    return {"model": name, "pairs": len(rows), "seconds": seconds, "rows": rows,
+            **{f"rho_{k}": spearmanr(data[:, i], data[:, 3]).statistic for i, k in enumerate(("rtn", "model", "probe"))}}
 
 
 def main(argv=None) -> int:
@@ -126,20 +135,21 @@ def main(argv=None) -> int:
     ap.add_argument("--wbits", type=int, nargs="+", default=[2, 3, 4, 8])
     ap.add_argument("--abits", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--chunk", type=int, default=16)
+    ap.add_argument("--probe-lr", type=float, help="rounding learning rate of the probes (default: the run's)")
     ap.add_argument("--json", help="write the table as a docs/results record here")
     args = ap.parse_args(argv)
-    table = Table(["model", "pairs", "rho rtn", f"rho probe ({args.probe_iters} it)", "rtn s", "probe s",
-                   "full recon s"], args.json, "Mixed precision: predicted against post-reconstruction loss",
+    table = Table(["model", "pairs", "rho block rtn (before)", "rho model rtn (--sens-iters 0)",
+                   f"rho model probe ({args.probe_iters} it)", "block rtn s", "model rtn s", "probe s", "full recon s"], args.json, "Mixed precision: predicted against post-reconstruction loss",
                   f"Uniform block configurations (weights {args.wbits}, activations {args.abits}); measured: the "
                   f"block reconstructed (fast preset, {args.calib} samples), task loss on {args.held} held-out "
                   f"samples; predictions on {args.sens_samples} samples.")
     table.header()
     for name in args.models:
         r = validate(name, args.calib, args.held, args.sens_samples, args.probe_iters, args.pairs, args.wbits,
-                     args.abits, args.chunk)
+                     args.abits, args.chunk, args.probe_lr)
         s = r["seconds"]
-        table.add(name, r["pairs"], f"{r['rho_rtn']:.3f}", f"{r['rho_probe']:.3f}", f"{s['rtn']:.0f}",
-                  f"{s['probe']:.0f}", f"{s['full']:.0f}")
+        table.add(name, r["pairs"], f"{r['rho_rtn']:.3f}", f"{r['rho_model']:.3f}", f"{r['rho_probe']:.3f}",
+                  f"{s['rtn']:.1f}", f"{s['model']:.1f}", f"{s['probe']:.0f}", f"{s['full']:.0f}")
     return 0
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -26,8 +26,9 @@ import torch
 from ..mirror import Mirror
 from ..qdq import activation_storage_bytes, bias_storage_bytes, packed_integers, weight_storage_bytes
 from ..quant.bits import BitPlan
-from ..quant.fake_quant import BiasQuantize, FakeQuantize, quantizers_disabled
+from ..quant.fake_quant import FakeQuantize, quantizers_disabled
 from ..quant.policy import COMPUTE_OPS, QuantPoint, operands
+from ..quant.runtimes import fuses, fusion_inputs, unfused_outputs
 from ..quant.widths import FLOAT_BITS, container_bits, stored_bytes
 from ..weights import array as tensor_array
 
@@ -43,15 +44,15 @@ class NodeCost:
 class CostModel:
     def __init__(self, model: onnx.ModelProto, mirror: Mirror, points: list[QuantPoint],
                  quantizers: Mapping[str, FakeQuantize], sample: Mapping[str, np.ndarray],
-                 latency: dict | None = None):
+                 latency: dict | None = None, fused_bits: tuple[int, ...] = (8,)):
         self.points = {p.tensor: p for p in points}
+        self.fused_bits = fused_bits  # the widths the runtime fuses (runtimes.py)
+        self.fusion = fusion_inputs(model.graph, points)  # output Q/DQ that exist while their node fuses
         weights = [p for p in points if p.kind == "weight"]
         self.shapes = {p.tensor: tuple(mirror.initializer(p.tensor).shape) for p in weights}
         self.numel = {t: int(np.prod(shape)) for t, shape in self.shapes.items()}
         self.layer_numel = {t: n for t, n in self.numel.items() if not self.points[t].table}  # what avg_wbits weighs
         used = {t for n in model.graph.node for t in n.input}
-        hooks = {p.tensor: mirror.get_hook(p.bias[0]) for p in weights if p.bias is not None}
-        self.bias_widths = {t: h.widths for t, h in hooks.items() if isinstance(h, BiasQuantize)}
         self.base_bytes = sum(stored_bytes(t) for t in model.graph.initializer
                               if t.name in used and t.name not in self.numel)
         self.nodes = _node_costs(mirror, self.points, quantizers, sample)
@@ -59,15 +60,19 @@ class CostModel:
 
     # ------------------------------------------------------------ per quantizer / per node
 
+    def fused(self, tensors: Iterable[str], plan: Mapping[str, int] | None) -> bool:
+        return fuses(tensors, plan or {}, self.fused_bits)
+
     def storage(self, tensor: str, bits: int, plan: Mapping[str, int] | None = None) -> int:
-        """Bytes of one quantizer at `bits`. An int32 bias adds its scales where the layer's
-        weight and input widths both take one (BiasQuantize); with the input's width not in
-        `plan`, counted as if it did, so an estimate never falls below the file's bytes."""
+        """Bytes of one quantizer at `bits`, in a plan that gives the other widths `plan` holds:
+        an int32 bias adds its scales, and a fused form's output pair exists, only while the
+        layer fuses (BiasQuantize, unfused_outputs)."""
         spec = replace(self.points[tensor].spec, bits=bits)
+        point = self.points[tensor]
+        if tensor in self.fusion and not self.fused(self.fusion[tensor], plan):
+            return 0
         if tensor in self.numel:
-            point, widths = self.points[tensor], self.bias_widths.get(tensor, ())
-            act_bits = (plan or {}).get(point.bias[1]) if point.bias is not None else None
-            int32 = bits in widths and (act_bits is None or act_bits in widths)
+            int32 = point.bias is not None and self.fused([tensor, point.bias[1]], {**(plan or {}), tensor: bits})
             extra = bias_storage_bytes(self.shapes[tensor][spec.channel_axis] if spec.channel_axis is not None
                                        else 1) if int32 else 0
             return weight_storage_bytes(spec, self.shapes[tensor]) + extra
@@ -98,6 +103,9 @@ class CostModel:
         return max(v for k, v in entries.items() if k != FLOAT)
 
     # ------------------------------------------------------------ whole plans
+
+    def unfused_outputs(self, plan: Mapping[str, int]) -> dict[str, int]:
+        return unfused_outputs(self.fusion, plan, self.fused_bits)
 
     def evaluate(self, plan: BitPlan | Mapping[str, int]) -> dict[str, float]:
         bits = plan.bits if isinstance(plan, BitPlan) else plan

@@ -32,6 +32,7 @@ from ..mirror import Mirror
 from ..quant.bits import BitPlan
 from ..quant.fake_quant import quantizers_disabled
 from ..quant.policy import COMPUTE_OPS, QuantPoint
+from ..quant.runtimes import profile
 from ..state import QuantState
 from .config import UNITS, EvalData, MixedConfig
 from .costs import CostModel
@@ -71,7 +72,8 @@ def search(ctx: Context, state: QuantState) -> SearchResult:
     sample = {k: v[:1] for k, v in feeds.items()}
     latency = _latency_table(model, sample, config, ctx.options.work_dir, ctx.config.scheme.weight_block) \
         if config.targets.latency_ms is not None else None
-    costs = CostModel(model, mirror, state.points, state.quantizers, sample, latency)
+    costs = CostModel(model, mirror, state.points, state.quantizers, sample, latency,
+                      profile(ctx.config.runtime).fused_bits)
     size_hint = dict(costs.numel)
     ops_hint: dict[str, float] = {}
     for node in costs.nodes:
@@ -86,12 +88,12 @@ def search(ctx: Context, state: QuantState) -> SearchResult:
     _check_reachable(problem, const, names, budgets)
     result_extra: dict = {}
     if config.targets.metric is not None:
-        choice, result_extra = _meet_metric(ctx, state, table, problem, const, names)
+        choice, result_extra = _meet_metric(ctx, state, table, problem, const, names, costs)
     else:
         choice = solve(problem, config.solver, config.ga, ctx.options.seed)
         if choice is None:
             raise QLimitError(_unreachable_together(problem, const, names, budgets))
-    plan = _plan_of(table, choice, state.points)
+    plan = _plan_of(table, choice, state.points, costs)
     tune = probe_schedule(ctx.recon, config.sensitivity)
     return SearchResult(plan, problem.totals(choice)[0], costs.evaluate(plan), config.solver,
                         time.perf_counter() - started, table.seconds, table.from_cache, **result_extra,
@@ -99,11 +101,11 @@ def search(ctx: Context, state: QuantState) -> SearchResult:
                         block_losses=[float(l[i]) for l, i in zip(problem.losses, choice)])
 
 
-def _plan_of(table: SensitivityTable, choice: list[int], points: list[QuantPoint]) -> BitPlan:
+def _plan_of(table: SensitivityTable, choice: list[int], points: list[QuantPoint], costs: CostModel) -> BitPlan:
     bits = {p.tensor: max(table.choices[p.tensor]) for p in points}
     for options, i in zip(table.blocks, choice):
         bits.update(options[i].bits)
-    return BitPlan(bits)
+    return BitPlan({**bits, **costs.unfused_outputs(bits)})
 
 
 def _problem(table: SensitivityTable, costs: CostModel, names: list[str], limits: list[float]) -> tuple[Problem, np.ndarray]:
@@ -120,7 +122,8 @@ def _problem(table: SensitivityTable, costs: CostModel, names: list[str], limits
         rows = []
         for option in options:
             bits = {**upper, **option.bits}
-            row = {"size_bytes": sum(costs.storage(t, w, option.bits) for t, w in option.bits.items()),
+            bits.update(costs.unfused_outputs(bits))
+            row = {"size_bytes": sum(costs.storage(t, bits[t], bits) for t in option.bits),
                    "avg_wbits": sum(costs.layer_numel[t] * w for t, w in option.bits.items() if t in costs.layer_numel) / params,
                    "bitops": sum(costs.node_bitops(n, bits) for n in nodes)}
             if costs.latency is not None:
@@ -158,7 +161,7 @@ def _unreachable_together(problem, const, names, budgets) -> str:
 
 
 def _meet_metric(ctx: Context, state: QuantState, table: SensitivityTable, problem: Problem, const: np.ndarray,
-                 names: list[str]) -> tuple[list[int], dict]:
+                 names: list[str], costs: CostModel) -> tuple[list[int], dict]:
     """The smallest plan on the primary budget (the first one given, else size) that keeps the
     target metric with round-to-nearest, by bisection over plans along the budget."""
     config, seed = ctx.options.mixed, ctx.options.seed
@@ -183,7 +186,7 @@ def _meet_metric(ctx: Context, state: QuantState, table: SensitivityTable, probl
     frontier: list[dict] = []
 
     def score(i: int) -> float:
-        value = scorer(_plan_of(table, plans[i], state.points))
+        value = scorer(_plan_of(table, plans[i], state.points, costs))
         frontier.append({names[0]: float(problem.totals(plans[i])[1][0] + const[0]), "metric": value})
         return value
 

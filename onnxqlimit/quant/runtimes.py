@@ -192,3 +192,31 @@ def restrict_choices(runtime: RuntimeProfile, mixed):
         kind, flag = ("weight", "--wbits-choices") if not wbits else ("activation", "--abits-choices")
         check_widths(runtime, kind, asked_w if not wbits else asked_a, flag)
     return replace(mixed, sensitivity=replace(sens, wbits_choices=wbits, abits_choices=abits))
+
+
+def fusion_inputs(graph, points) -> dict[str, list[str]]:
+    """Each fused-form output point (QuantPoint.output_of) -> the quantized inputs of the node
+    it lets the runtime fuse."""
+    quantized = {p.tensor for p in points}
+    inputs = {n.name: [t for t in n.input if t in quantized] for n in graph.node}
+    return {p.tensor: inputs.get(p.output_of, []) for p in points if p.output_of is not None}
+
+
+def fuses(inputs: Iterable[str], plan: Mapping[str, int], fused_bits: tuple[int, ...]) -> bool:
+    """Whether a node with these quantized inputs fuses under `plan`; an input whose width the
+    plan does not give counts as fused (a cost estimate then never falls below the file's)."""
+    return all(plan.get(t, fused_bits[0]) in fused_bits for t in inputs)
+
+
+def unfused_outputs(fusion: Mapping[str, list[str]], plan: Mapping[str, int],
+                    fused_bits: tuple[int, ...]) -> dict[str, int]:
+    """The fused-form output points whose node `plan` no longer fuses, left float (FLOAT_BITS):
+    their Q/DQ pair only served the fusion, and a uniform run at those widths places none. A
+    float output unfuses the node that reads it in turn (a Conv output feeding an Add)."""
+    settled, changes = dict(plan), {}
+    while True:
+        new = {t: FLOAT_BITS for t, inputs in fusion.items() if t not in changes and not fuses(inputs, settled, fused_bits)}
+        if not new:
+            return changes
+        changes.update(new)
+        settled.update(new)
