@@ -190,7 +190,8 @@ def test_block_scores_are_whole_model_losses_lowered_by_reconstruction(tmp_path)
     import torch
 
     from onnxqlimit.data import batches
-    from onnxqlimit.mixed.sensitivity import measure, probe_schedule
+    from onnxqlimit.mixed.block_loss import probe_schedule
+    from onnxqlimit.mixed.sensitivity import measure
     from onnxqlimit.pipeline import place_and_calibrate, prepare
     from onnxqlimit.quant.fake_quant import quantizers_disabled
     from onnxqlimit.recon.fisher import task_loss

@@ -34,14 +34,21 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from onnxqlimit import MixedConfig, QuantConfig, ReconConfig, RunOptions, SensitivityConfig, Targets
+from onnxqlimit import (
+    MixedConfig,
+    QuantConfig,
+    ReconConfig,
+    RunOptions,
+    SensitivityConfig,
+    Targets,
+)
 from onnxqlimit.data import batches
-from onnxqlimit.mixed.sensitivity import BlockLoss, float_pass, probe_schedule
+from onnxqlimit.mixed.block_loss import BlockLoss, float_pass, probe_schedule
 from onnxqlimit.pipeline import place_and_calibrate, prepare
 from onnxqlimit.quant.fake_quant import quantizers_disabled
 from onnxqlimit.recon.blocks import find_blocks
 from onnxqlimit.recon.fisher import task_loss
-from onnxqlimit.recon.runner import probe_layouts, quantizer_owners
+from onnxqlimit.recon.runner import quantizer_owners
 from tools.common import Table, load
 
 
@@ -55,13 +62,8 @@ def _model_loss(mirror, feeds, reference, chunk: int) -> float:
 
 
 def _prober(ctx, state, blocks, on_entry, samples: int, tune: ReconConfig | None) -> BlockLoss:
-    config = SensitivityConfig(samples=samples)
-    found = float_pass(ctx.mirror, state, ctx.feeds, blocks, config, 0, tune)
-    layouts = None
-    if tune is not None:
-        feeds = {k: torch.from_numpy(np.ascontiguousarray(v[: found.count])) for k, v in ctx.feeds.items()}
-        layouts = probe_layouts(ctx.mirror, state.quantizers, feeds, list(found.values))
-    return BlockLoss(ctx.mirror, state, found, on_entry, tune, 0, layouts)
+    found = float_pass(ctx.mirror, state, ctx.feeds, blocks, SensitivityConfig(samples=samples), 0, tune)
+    return BlockLoss(ctx.mirror, state, found, on_entry, tune, 0, ctx.feeds)
 
 
 def validate(name: str, calib: int, held: int, sens_samples: int, probe_iters: int, pairs: int, wbits, abits,

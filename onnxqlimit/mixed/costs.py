@@ -24,7 +24,12 @@ import onnx
 import torch
 
 from ..mirror import Mirror
-from ..qdq import activation_storage_bytes, bias_storage_bytes, packed_integers, weight_storage_bytes
+from ..qdq import (
+    activation_storage_bytes,
+    bias_storage_bytes,
+    packed_integers,
+    weight_storage_bytes,
+)
 from ..quant.bits import BitPlan
 from ..quant.fake_quant import FakeQuantize, quantizers_disabled
 from ..quant.policy import COMPUTE_OPS, QuantPoint, operands

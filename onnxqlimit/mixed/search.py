@@ -34,11 +34,12 @@ from ..quant.fake_quant import quantizers_disabled
 from ..quant.policy import COMPUTE_OPS, QuantPoint
 from ..quant.runtimes import profile
 from ..state import QuantState
+from .block_loss import probe_schedule
 from .config import UNITS, EvalData, MixedConfig
 from .costs import CostModel
 from .latency import FLOAT, model_latency_ms, node_latency_table
 from .metric import relative_score
-from .sensitivity import SensitivityTable, load_or_measure, probe_schedule
+from .sensitivity import SensitivityTable, load_or_measure
 from .solvers import Problem, solve
 
 FRONTIER_POINTS = 12  # plans along the primary budget tried for --target-metric
