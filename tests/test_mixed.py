@@ -92,7 +92,7 @@ def test_plan_round_trips_through_json_and_bits_plan(tmp_path, work_dir, capsys)
                  *common]) == 0
     saved = json.loads(plan_file.read_text())
     notes = saved.pop(NOTES_KEY)  # how the search scored it, skipped when the plan is read
-    assert notes["scored"] == "round to nearest" and notes["predicted_loss"] > 0 and notes["measured_loss"] > 0
+    assert notes["scored"] == "whole model, round to nearest" and notes["predicted_loss"] > 0 and notes["measured_loss"] > 0
     assert saved and all(set(v) <= {"wbits", "abits"} for v in saved.values())
     again = tmp_path / "again.onnx"
     assert main(["quantize", RESNET, "-o", str(again), "--bits-plan", str(plan_file), *common]) == 0

@@ -62,8 +62,9 @@ class SearchResult:
 
     def notes(self) -> dict:
         """What a saved plan records of how it was chosen: predicted beside measured loss."""
-        return {"scored": f"after {self.scored_after} reconstruction iterations per configuration"
-                if self.scored_after else "round to nearest", "predicted_loss": self.predicted_loss,
+        return {"scored": f"whole model, after {self.scored_after}-iteration reconstructions of each block's "
+                "uniform configurations" if self.scored_after else "whole model, round to nearest",
+                "predicted_loss": self.predicted_loss,
                 "measured_loss": self.measured_loss, "block_losses": self.block_losses, "costs": self.costs}
 
 
