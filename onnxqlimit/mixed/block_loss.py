@@ -144,6 +144,13 @@ class BlockLoss:
         finally:
             restore()
 
+    def _entered(self, block: Block, env: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`env` with the quantizers that act on the block's entry applied to its inputs."""
+        for name in block.inputs + block.context:
+            if name in self.on_entry:
+                env[name] = self.state.quantizers[name](env[name])
+        return env
+
     def evaluate(self, block: Block) -> float:
         """The block's Fisher-weighted output error with its quantizers as they are."""
         mirror, samples = self.mirror, self.samples
@@ -151,10 +158,8 @@ class BlockLoss:
         with torch.no_grad():
             weights = mirror.initializer_env(mirror.initializers_read(block.node_range))
             for c in range(len(next(iter(samples.values.values())))):
-                env = dict(weights)
-                for name in block.inputs + block.context:
-                    x = samples.values[name][c]
-                    env[name] = self.state.quantizers[name](x) if name in self.on_entry else x
+                inputs = {n: samples.values[n][c] for n in block.inputs + block.context}
+                env = self._entered(block, {**weights, **inputs})
                 mirror.execute(env, block.node_range, keep=block.loss_outputs)
                 for name in block.loss_outputs:
                     diff = env[name].float() - samples.values[name][c].float()
@@ -170,12 +175,10 @@ class BlockLoss:
         with torch.no_grad():
             weights = mirror.initializer_env(mirror.initializers_read(rest))
             for c in range(len(next(iter(samples.values.values())))):
-                env = {**weights, **{name: values[c] for name, values in samples.values.items()}}
-                for name in block.inputs + block.context:
-                    if name in self.on_entry:
-                        env[name] = self.state.quantizers[name](env[name])
+                env = self._entered(block, {**weights, **{name: values[c] for name, values in samples.values.items()}})
                 mirror.execute(env, rest)
-                total += sum(float(task_loss(ref[c], env[name])) for name, ref in samples.outputs.items() if name in env)
+                total += sum(float(task_loss(ref[c], env[name]))
+                             for name, ref in samples.outputs.items() if name in env)
         return total / samples.count
 
     def restore(self) -> None:
