@@ -295,6 +295,7 @@ def test_two_bit_weights_beside_eight_bit_inputs_load_with_default_optimizations
     (["--target-avg-wbits", "3", "--wbits-choices", "1,4"], "--wbits-choices must be"),
     (["--target-metric", "1.5"], "--target-metric must be in"),
     (["--target-bitops", "1", "--solver", "magic"], "argument --solver: invalid choice: 'magic'"),
+    (["--target-size", "50KB", "--sens-iters", "-1"], "--sens-iters must be 0"),
     (["--target-size", "0KB"], "positive size"),
     (["--target-size", "lots"], "expected a size"),
     (["--target-size", "50KB", "--bits-plan", "plan.json"], "cannot be combined"),
