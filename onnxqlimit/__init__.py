@@ -24,8 +24,9 @@ from .pipeline import QuantizeResult, place_and_calibrate, prepare, quantize  # 
 from .quant.config import Placement, QuantConfig, Scheme, Widths  # noqa: E402
 from .recon.config import ReconConfig  # noqa: E402
 from .report import Report  # noqa: E402
+from .shared_budget import PipelineResult, Stage, quantize_pipeline  # noqa: E402
 
 __all__ = ["Context", "LoadConfig", "Mirror", "MixedConfig", "Placement", "QLimitError", "QuantConfig",
-           "QuantizeResult", "ReconConfig", "Report", "RunOptions", "Scheme", "SensitivityConfig", "Targets",
-           "UnsupportedModelError", "Widths", "load_model", "place_and_calibrate", "prepare", "quantize",
-           "__version__"]
+           "PipelineResult", "QuantizeResult", "ReconConfig", "Report", "RunOptions", "Scheme", "SensitivityConfig",
+           "Stage", "Targets", "UnsupportedModelError", "Widths", "load_model", "place_and_calibrate", "prepare",
+           "quantize", "quantize_pipeline", "__version__"]

@@ -75,6 +75,15 @@ def _abits_arg(text: str) -> int | str:
     return int(text) if text.isdigit() else text  # argparse's choices refuse anything else
 
 
+def _smooth_arg(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number (got {text!r})") from None
+
+
 def _positive(text: str) -> int:
     value = int(text) if text.isdigit() else 0
     if value <= 0:
@@ -204,9 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--first-last-bits", default="8", help="bits of the first and last compute layers: 8 (default) or 'same'")
     q.add_argument("--embedding-bits", type=int, default=8, choices=(0, *WEIGHT_BITS), metavar="W",
                    help="bits of tables read by Gather (embeddings), weight-only per row; 0 leaves them float (default 8)")
-    q.add_argument("--smooth", type=float, metavar="ALPHA",
+    q.add_argument("--smooth", type=_smooth_arg, metavar="ALPHA|auto",
                    help="SmoothQuant: migrate activation outliers into MatMul/Gemm weights with strength ALPHA "
-                        "(below 1, e.g. 0.5; 0: off; default off, with --runtime tensorrt 0.8)")
+                        "(below 1, e.g. 0.5; 0: off). Default 'auto': per tensor, only where it cuts the layers' "
+                        "quantization error (with --runtime tensorrt: 0.8)")
     q.add_argument("--exclude", action="append", default=[], metavar="NAME_OR_REGEX", help="leave matching nodes float (repeatable)")
     q.add_argument("--bits", default="", metavar="NAME_OR_REGEX=W/A,...", help="per-node bit overrides")
     q.add_argument("--weight-init", choices=WEIGHT_OBSERVERS, default="mse", help="weight range observer (default mse)")

@@ -49,6 +49,7 @@ class Context:
     eval_data: EvalData | None = None  # --eval data for --target-metric
     external_data: bool = False  # the model file keeps its weights in a data file: the output will too
     plan_entries: dict | None = None  # the --bits-plan file's node -> widths, read once
+    smoothed: dict[str, float] = field(default_factory=dict)  # SmoothQuant alpha per smoothed tensor
 
     @property
     def recon(self) -> ReconConfig:

@@ -47,7 +47,7 @@ from .recon import ReconResult, reconstruct
 from .recon.checkpoint import Checkpoints, run_key
 from .report import Report, build_report
 from .runtime import RuntimeCheck, check_runtime
-from .smooth import candidates, channel_max, smooth
+from .smooth import smooth_model
 from .state import QuantState
 
 log = logging.getLogger("onnxqlimit")
@@ -99,6 +99,13 @@ def _quantize(model, output_path: Path, calibration, config: QuantConfig, option
     ctx = prepare(model, calibration, config, options, device)
     state = place_and_calibrate(ctx)
     searched = choose_widths(ctx, state)
+    return finish(ctx, state, output_path, searched, started)
+
+
+def finish(ctx: Context, state: QuantState, output_path: Path, searched: SearchResult | None,
+           started: float) -> QuantizeResult:
+    """Stages 4-6 with the widths chosen: reconstruct, export + validate, report."""
+    options = ctx.options
     tuning, checkpoints = reconstruct_blocks(ctx, state)
     exported = export_and_validate(ctx, state, output_path, searched)
     if checkpoints is not None:  # kept until the file is written: a run stopped while exporting resumes
@@ -166,9 +173,9 @@ def prepare(model, calibration, config: QuantConfig | None = None, options: RunO
     ctx = Context(config, options, device, original, loaded, mirror, {k: v[:calib_size] for k, v in feeds.items()},
                   {k: v[calib_size:] for k, v in feeds.items()}, eval_data, uses_external_data(model), plan_entries)
     if config.smooth is not None:  # outlier channels migrated into the float weights (smooth.py)
-        act_max = channel_max(mirror, iter(ctx.batches()), list(candidates(loaded)))
-        ctx.model = smooth(loaded, act_max, config.smooth)
-        ctx.mirror = Mirror(ctx.model).to(device)
+        ctx.model, ctx.smoothed = smooth_model(loaded, mirror, ctx.batches(), config)
+        if ctx.smoothed:
+            ctx.mirror = Mirror(ctx.model).to(device)
     return ctx
 
 
@@ -199,10 +206,14 @@ def choose_widths(ctx: Context, state: QuantState) -> SearchResult | None:
     elif options.mixed.targets.any():
         searched = search(ctx, state)
         state.apply(searched.plan)
+    recalibrate_if_changed(ctx, state, default)
+    return searched
+
+
+def recalibrate_if_changed(ctx: Context, state: QuantState, default: BitPlan) -> None:
     if state.plan != default:  # activation ranges follow the weights' new widths
         state.calibration = calibrate(ctx.mirror, state.points, state.quantizers, ctx.batches(), ctx.config.scheme,
-                                      options.progress)
-    return searched
+                                      ctx.options.progress)
 
 
 def reconstruct_blocks(ctx: Context, state: QuantState) -> tuple[ReconResult | None, Checkpoints | None]:

@@ -66,6 +66,7 @@ class Report:
     mixed_precision: dict | None  # SearchResult; None without a search
     metric: float | None = None  # --target-metric: the file's score
     runtime: dict | None = None  # RuntimeCheck: integer kernels and latency in onnxruntime CPU
+    smoothed: dict | None = None  # SmoothQuant alpha per smoothed MatMul/Gemm input (smooth.py)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=_jsonable)
@@ -121,6 +122,7 @@ def build_report(ctx: Context, state: QuantState, exported, output_path: Path, s
         mixed_precision=result_json(searched, points) if searched is not None else None,
         metric=exported.metric,
         runtime=asdict(exported.runtime) if exported.runtime is not None else None,
+        smoothed=ctx.smoothed,
     )
 
 
@@ -158,6 +160,9 @@ def format_report(r: Report) -> str:
                  f"weight storage {c['size_bytes'] / 1e3:.1f} KB, {c['bitops'] / 1e9:.4g} GBitOps per sample"
                  + (f", latency {c['latency_ms']:.3f} ms estimated / {c['measured_latency_ms']:.3f} ms measured"
                     if "latency_ms" in c else ""))
+    if r.smoothed:
+        lines.append(f"smoothing (SmoothQuant, --smooth {r.config['smooth']}): {len(r.smoothed)} MatMul/Gemm inputs, "
+                     f"alpha {', '.join(f'{a:g}' for a in sorted(set(r.smoothed.values())))}")
     if r.metric is not None:
         lines.append(f"metric on the exported file: {r.metric:.4f} of float "
                      f"(target {options['mixed']['targets']['metric']})")

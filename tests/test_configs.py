@@ -47,6 +47,7 @@ FLAGS = [
     (["--no-quantize-attention"], {"config.placement.quantize_act_matmul": False}),
     (["--exclude", "a", "--exclude", "b.*"], {"config.placement.exclude": ("a", "b.*")}),
     (["--smooth", "0.5"], {"config.smooth": 0.5}),
+    (["--smooth", "0"], {"config.smooth": None}),
     (["--method", "brecq"], {"recon.method": "brecq"}),
     (["--preset", "paper"], PAPER),
     (["--preset", "paper", "--iters", "50"], {**PAPER, "recon.iters": 50}),

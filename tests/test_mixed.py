@@ -334,3 +334,36 @@ def test_latency_budget_is_met_by_the_measured_table(tmp_path, work_dir):
     assert reachable - 5e-4 <= estimate <= 1.2 * reachable  # the message rounds to 0.001 ms
     # timed in onnxruntime: not a second estimate (a unit slip would be 1000x)
     assert 0.1 < costs["measured_latency_ms"] / table["float_model_ms"] < 20, (costs, table["float_model_ms"])
+
+
+def test_a_shared_budget_is_met_by_the_files_together_and_moves_between_models(tmp_path):
+    """quantize_pipeline: one BitOps budget (the models' uniform-W4A4 BitOps, summed) over three
+    models. The sum of the three files' BitOps, recomputed from the files alone, meets it and
+    uses it; the search spends it unevenly (some model above its own uniform share)."""
+    from onnxqlimit import Stage, quantize_pipeline
+    from tests.test_oracles import cost_model_calib, cost_model_proto, placement_proto
+
+    rng = np.random.default_rng(0)
+    models = {"resnet": (RESNET, CALIB), "hand": (cost_model_proto(), cost_model_calib(32)),
+              "gemms": (placement_proto(), {"x": rng.standard_normal((32, 8)).astype(np.float32)})}
+    rtn = RunOptions(recon=ReconConfig(method="rtn", calib_size=32), progress=False)
+    uniform = {name: cost_oracle.file_costs(quantize(m, tmp_path / f"{name}_w4a4.onnx", c,
+                                                     QuantConfig.of(wbits=4, abits=4, smooth=0), rtn).output_path)
+               for name, (m, c) in models.items()}
+    budget = sum(u["bitops"] for u in uniform.values())
+    stages = [Stage(name, m, tmp_path / "shared" / f"{name}.onnx", c) for name, (m, c) in models.items()]
+    options = RunOptions(recon=ReconConfig(method="rtn", calib_size=32), progress=False, work_dir=str(tmp_path / "work"),
+                         mixed=MixedConfig(sensitivity=SensitivityConfig((2, 4, 8), (4, 8), samples=8)))
+    result = quantize_pipeline(stages, Targets(bitops=budget), QuantConfig.of(smooth=0), options)
+    files = {s.name: cost_oracle.file_costs(s.output) for s in stages}
+    assert result.costs["bitops"] == sum(f["bitops"] for f in files.values()) <= budget
+    assert result.costs["bitops"] >= 0.95 * budget
+    assert {n: r.report.costs["bitops"] for n, r in result.results.items()} == {n: f["bitops"] for n, f in files.items()}
+    assert any(files[n]["bitops"] > uniform[n]["bitops"] for n in models)
+    for bad, message in ((Targets(avg_wbits=4.0), "shared budget"), (Targets(bitops=budget, metric=0.9), "shared budget")):
+        with pytest.raises(QLimitError, match=message):
+            quantize_pipeline(stages, bad, options=options)
+    with pytest.raises(QLimitError, match="own name"):
+        quantize_pipeline([stages[0], stages[0]], Targets(bitops=budget), options=options)
+    with pytest.raises(QLimitError, match="cannot be met"):
+        quantize_pipeline(stages, Targets(bitops=budget / 100), QuantConfig.of(smooth=0), options)

@@ -277,3 +277,25 @@ def test_external_data_in_external_data_out(tmp_path):
     got = ort_session(str(out)).run(None, {"input": x})[0]
     ref = ort_session(str(src)).run(None, {"input": x})[0]
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.75
+
+
+def test_end_to_end_parity_fails_what_moves_every_sample_not_one_near_tie():
+    """The quantized output guard (parity.ok_quantized) judges the typical sample: one sample
+    whose decision flips (a tie upstream) passes, a shift of every sample fails."""
+    from onnxqlimit.mirror import Mirror
+    from onnxqlimit.parity import check_mirror
+    from tests.onnx_builders import make, tensor
+
+    io = ([tensor("x", ["n", 2])], [tensor("y", ["n", 2])])
+    same = make([onnx.helper.make_node("Identity", ["x"], ["y"])], *io)
+    # moves only the elements above 1: y = x + 10 * relu(x - 1)
+    moved = make([onnx.helper.make_node("Sub", ["x", "one"], ["d"]), onnx.helper.make_node("Relu", ["d"], ["r"]),
+                  onnx.helper.make_node("Mul", ["r", "ten"], ["m"]), onnx.helper.make_node("Add", ["x", "m"], ["y"])],
+                 *io, [("one", np.float32(1.0)), ("ten", np.float32(10.0))])
+    x = np.random.default_rng(0).uniform(0, 1, (8, 2)).astype(np.float32)
+    one_sample = x.copy()
+    one_sample[3, 0] = 1.2
+    [row] = check_mirror(same, Mirror(moved), {"x": one_sample})
+    assert row.mean_abs_diff > 0.01 * row.ref_range and row.ok_quantized  # the mean alone would have failed it
+    [row] = check_mirror(same, Mirror(moved), {"x": x + 1.0})
+    assert not row.ok_quantized

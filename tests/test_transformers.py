@@ -165,9 +165,31 @@ def test_a_smoothed_quantized_encoder_keeps_parity_and_smooth_is_validated(encod
     for bad in (1.0, -0.5):
         with pytest.raises(QLimitError, match="--smooth"):
             QuantConfig.of(smooth=bad)
-    # tensorrt's symmetric activations smooth by default; 0 turns it off
+    # tensorrt's symmetric activations smooth at 0.8 by default, other runtimes decide per tensor; 0 turns it off
     assert (QuantConfig.of(runtime="tensorrt").smooth, QuantConfig.of(runtime="tensorrt", smooth=0).smooth) == (0.8, None)
-    assert QuantConfig.of().smooth is None and QuantConfig.of(smooth=0.5, runtime="tensorrt").smooth == 0.5
+    assert (QuantConfig.of().smooth, QuantConfig.of(smooth=0).smooth) == ("auto", None)
+    assert QuantConfig.of(smooth=0.5, runtime="tensorrt").smooth == 0.5
+
+
+def test_automatic_smoothing_is_per_tensor_deterministic_and_can_be_turned_off(encoder, tmp_path):
+    """Smoothing moves error from activations into weights: "auto" (the default) smooths where
+    8-bit activations limit, not where 4-bit weights do, and chooses the same way every time."""
+    from onnxqlimit.load import load_model
+    from onnxqlimit.mirror import Mirror
+    from onnxqlimit.smooth import ALPHAS, candidates, smooth_model
+
+    model = load_model(str(encoder))
+    mirror, batch = Mirror(model), [token_feeds(np.random.default_rng(1), 16, 12)]
+    w8a8 = smooth_model(model, mirror, batch, QuantConfig.of(wbits=8, abits=8))[1]
+    assert w8a8 and set(w8a8) < set(candidates(model)) and set(w8a8.values()) <= set(ALPHAS)  # some tensors, not all
+    assert smooth_model(model, mirror, batch, QuantConfig.of(wbits=8, abits=8))[1] == w8a8
+    assert smooth_model(model, mirror, batch, QuantConfig.of(wbits=4, abits=8, first_last_bits=None))[1] == {}
+    # the first layer keeps 8-bit weights by default, so its input may still be smoothed at W4A8
+    assert set(smooth_model(model, mirror, batch, QuantConfig.of(wbits=4, abits=8))[1]) <= set(w8a8)
+    assert smooth_model(model, mirror, batch, QuantConfig.of(wbits=8, abits=16))[1] == {}  # nothing to flatten
+    smoothed = lambda m: {n.input[0] for n in m.graph.node if n.name.endswith("_Smooth")}  # noqa: E731
+    assert smoothed(_quantize(encoder, tmp_path, QuantConfig.of(wbits=8, abits=8))) == set(w8a8)
+    assert smoothed(_quantize(encoder, tmp_path, QuantConfig.of(wbits=8, abits=8, smooth=0), name="off.onnx")) == set()
 
 
 @pytest.mark.parametrize("method,wbits", [("rtn", 4), ("qdrop", 4), ("rtn", 2)])

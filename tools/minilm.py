@@ -196,7 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-size", type=int, default=500)
     ap.add_argument("--iters", type=int)
     ap.add_argument("--ort", action="store_true", help="also onnxruntime quantize_static (W8A8, W4A8, W4A4 only)")
-    ap.add_argument("--smooth", type=float, help="SmoothQuant alpha (QuantConfig.smooth)")
+    ap.add_argument("--smooth", type=lambda t: t if t == "auto" else float(t),
+                    help="SmoothQuant alpha or 'auto' (QuantConfig.smooth; default: the runtime's, 'auto' or 0.8)")
     ap.add_argument("--weight-block", type=int, help="MatMul/Gemm weights block-wise (with W4A32: weight-only)")
     ap.add_argument("--runtime", default="generic", help="runtime profile (docs/runtimes.md)")
     ap.add_argument("--quantize-attention", action=argparse.BooleanOptionalAction,
@@ -219,7 +220,7 @@ def main(argv=None) -> int:
               f"{len(trip['input_ids']) // 3} triplets")
         src = export(work / f"minilm_{args.exporter}.onnx", args.exporter)
         score = scorer(src, held, trip)
-        options = [flag for flag, given in ((f"--smooth {args.smooth}", args.smooth),
+        options = [flag for flag, given in ((f"--smooth {args.smooth}", args.smooth is not None),
                                             (f"--weight-block {args.weight_block}", args.weight_block),
                                             (f"--runtime {args.runtime}", args.runtime != "generic"),
                                             (f"--{'' if args.quantize_attention else 'no-'}quantize-attention",
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
                                              args.target_size),
                                             (f"--granularity {args.granularity} --block-layers {args.block_layers}",
                                              (args.granularity, args.block_layers) != ("block", 6))) if given]
-        table = Table(["model", f"method{' + smooth ' + str(args.smooth) if args.smooth else ''}", "emb bits", "cosine",
+        table = Table(["model", f"method{' + smooth ' + str(args.smooth) if args.smooth is not None else ''}", "emb bits", "cosine",
                        "NN agreement", "ranking", "size vs float", "time"], args.json,
                       "all-MiniLM-L6-v2, a real sentence encoder",
                       f"{args.exporter} export; {args.calib_size} calibration and {args.eval_size} held-out stdlib "
@@ -254,8 +255,9 @@ def main(argv=None) -> int:
                     choices = tuple(int(b) for b in args.wbits_choices.split(","))
                     mixed = MixedConfig(Targets(size_bytes=args.target_size * src.stat().st_size),
                                         SensitivityConfig(wbits_choices=choices, abits_choices=(abits,)))
-                quantize(src, out, calib, config, RunOptions(recon=recon, mixed=mixed, progress=False))
-                rows.append((args.method, emb_bits or "float", out, time.perf_counter() - started))
+                report = quantize(src, out, calib, config, RunOptions(recon=recon, mixed=mixed, progress=False)).report
+                smoothed = f" ({len(report.smoothed)} inputs smoothed)" if report.smoothed else ""
+                rows.append((args.method + smoothed, emb_bits or "float", out, time.perf_counter() - started))
             if args.ort and wbits in (4, 8) and abits in (4, 8):
                 from tools.ort_baseline import quantize_with_ort
 

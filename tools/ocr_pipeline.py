@@ -6,7 +6,7 @@ headless build serves it):
     pip install --no-deps rapidocr-onnxruntime==1.4.4
     pip install opencv-python-headless pyclipper shapely six
 
-    python -m tools.ocr_pipeline --configs W4A8 W4A4mp W8A8 --ort
+    python -m tools.ocr_pipeline --configs W4A8 W4A4mp W4A4pb W8A8 --ort
     python -m tools.ocr_pipeline --configs W4A8 --pages 10 --iters 50      # a quick look
 
 Calibration: det on 32 rendered 640x640 pages; cls and rec, by default, on what the float
@@ -16,9 +16,10 @@ rec then lost 5.4% of the float pipeline's text on its own).
 
 Configs: WxAy quantizes all three models at that uniform width (first/last layers at 8
 bits, the quantizer's default); WxAymp gives each model a mixed-precision plan (the
-search's default choices: weights 2/3/4/8, activations 4/8) at the BitOps of its own uniform WxAy model. RapidOCR then runs det at 736 (its limit_type
-min), rec at the batch's widest line and cls at 192: shapes the quantized files were not
-calibrated at.
+search's default choices: weights 2/3/4/8, activations 4/8) at the BitOps of its own
+uniform WxAy model; WxAypb gives the three one shared budget (`quantize_pipeline`): the
+sum of their uniform-WxAy BitOps, spent where the losses say it buys most. RapidOCR then
+runs det at 736 (its limit_type min), rec at the batch's widest line and cls at 192.
 
 Metric, per configuration over all pages: the pipeline's boxes are matched one to one to
 the ground-truth lines by IoU (>= 0.3, greedy, best first); char accuracy = 1 - (edit
@@ -42,12 +43,12 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxqlimit import MixedConfig, QuantConfig, ReconConfig, RunOptions, Targets, quantize
+from onnxqlimit import MixedConfig, QuantConfig, ReconConfig, RunOptions, Stage, Targets, quantize, quantize_pipeline
 from tools import tasks
 from tools.common import Table, at_opset
 
 MODELS = ("det", "cls", "rec")
-CONFIG = re.compile(r"W(\d)A(\d+)(mp)?")
+CONFIG = re.compile(r"W(\d)A(\d+)(mp|pb)?")
 
 
 def engine(paths: dict[str, Path]):
@@ -87,26 +88,26 @@ class _Recorder:
         return getattr(self.session, name)
 
 
-def pipeline_calibration(sources: dict[str, Path], pages: np.ndarray, n_cls: int, n_rec: int) -> dict:
+def pipeline_calibration(sources: dict[str, Path], pages: np.ndarray, n_cls: int, n_rec: int,
+                         rec_width: int = 640) -> dict:
     """cls and rec calibration inputs exactly as the float pipeline feeds them on `pages`
     (detector crops, perspective-cut and resized by RapidOCR). rec gets one width per
-    batch there; each line is cut or zero-padded (rec's own padding) to 320 columns, the
-    width it is calibrated at."""
+    batch there, the batch's widest line; every line is zero-padded (rec's own padding) to
+    the widest batch seen, at most `rec_width` columns (wider lines are cut)."""
     ocr = engine(sources)
     ocr.text_cls.infer = cls_in = _Recorder(ocr.text_cls.infer)
     ocr.text_rec.session = rec_in = _Recorder(ocr.text_rec.session)
     for page in pages:
         ocr(np.ascontiguousarray(page[..., ::-1]))
-    rec = []
+    rec, columns = [], min(rec_width, max(b.shape[3] for b in rec_in.batches))
     for batch in rec_in.batches:
-        fitted = np.zeros((*batch.shape[:3], tasks.REC_W), np.float32)
-        width = min(batch.shape[3], tasks.REC_W)
+        fitted = np.zeros((*batch.shape[:3], columns), np.float32)
+        width = min(batch.shape[3], columns)
         fitted[..., :width] = batch[..., :width]
         rec.append(fitted)
     cls, rec = np.concatenate(cls_in.batches), np.concatenate(rec)
-    if len(cls) < n_cls or len(rec) < n_rec:
-        print(f"pipeline calibration: {len(cls)} cls / {len(rec)} rec inputs from {len(pages)} pages "
-              f"(asked for {n_cls} / {n_rec})", flush=True)
+    print(f"pipeline calibration: {len(cls)} cls / {len(rec)} rec inputs ({columns} columns) from {len(pages)} "
+          f"pages (asked for {n_cls} / {n_rec})", flush=True)
     return {"cls": {"x": cls[:n_cls]}, "rec": {"x": rec[:n_rec]}}
 
 
@@ -141,10 +142,39 @@ def text_accuracy(read: list[list[tuple[np.ndarray, str]]], boxes, texts) -> dic
     return {"char_acc": max(0.0, 1 - dist / total), "line_acc": exact / lines}
 
 
+def _options(args, calib_size: int, **kw) -> RunOptions:
+    return RunOptions(recon=ReconConfig.preset("fast", iters=args.iters, calib_size=calib_size), progress=False,
+                      threads=args.threads, **kw)
+
+
+def _rtn_bitops(sources: dict[str, Path], calib: dict, name: str, config: str, out: Path, args) -> float:
+    """A model's BitOps at uniform WxAy, measured on a round-to-nearest file."""
+    wbits, abits = int(CONFIG.fullmatch(config)[1]), int(CONFIG.fullmatch(config)[2])
+    return quantize(sources[name], out / f"{name}_{config}_rtn.onnx", calib[name], QuantConfig.of(wbits=wbits, abits=abits),
+                    RunOptions(recon=ReconConfig(method="rtn"), progress=False, threads=args.threads)).report.costs["bitops"]
+
+
+def quantize_shared(sources: dict[str, Path], calib: dict, config: str, out: Path, args) -> tuple[dict, dict]:
+    """WxAypb: one BitOps budget for det + cls + rec, the sum of their uniform-WxAy BitOps."""
+    budget = sum(_rtn_bitops(sources, calib, name, config, out, args) for name in MODELS)
+    stages = [Stage(name, sources[name], out / f"{name}_{config}.onnx", calib[name]) for name in MODELS]
+    start = time.perf_counter()
+    result = quantize_pipeline(stages, Targets(bitops=budget), QuantConfig(),
+                               _options(args, args.calib[1], work_dir=str(out / "shared")))
+    seconds = time.perf_counter() - start
+    info = {name: {"seconds": seconds if name == "det" else 0.0, "size_bytes": r.report.costs["size_bytes"],
+                   "bitops": r.report.costs["bitops"]} for name, r in result.results.items()}
+    print(f"  {config}: {seconds:.0f} s, BitOps {result.costs['bitops'] / 1e9:.2f} G of {budget / 1e9:.2f} G ("
+          + ", ".join(f"{n} {i['bitops'] / 1e9:.2f}" for n, i in info.items()) + ")", flush=True)
+    return {s.name: Path(s.output) for s in stages}, info
+
+
 def quantize_models(sources: dict[str, Path], calib: dict, config: str, out: Path, args) -> tuple[dict, dict]:
     """Quantize det/cls/rec at `config`; (paths, per-model info). With --reuse, a file of
     the same name in --keep is taken as it is (its time is not known then)."""
     wbits, abits, mixed = int(CONFIG.fullmatch(config)[1]), int(CONFIG.fullmatch(config)[2]), CONFIG.fullmatch(config)[3]
+    if mixed == "pb":
+        return quantize_shared(sources, calib, config, out, args)
     paths, info = {}, {}
     for name in MODELS:
         tag = "" if name == "det" else f"_{args.calib_source}"  # det is calibrated on rendered pages either way
@@ -154,13 +184,10 @@ def quantize_models(sources: dict[str, Path], calib: dict, config: str, out: Pat
             info[name] = {"seconds": float("nan"), "size_bytes": target.stat().st_size, "reused": True}
             print(f"  {config} {name}: reused {target.name}", flush=True)
             continue
-        recon = ReconConfig.preset("fast", iters=args.iters, calib_size=len(calib[name]["x"]))
-        options = RunOptions(recon=recon, progress=False, threads=args.threads)
+        options = _options(args, len(calib[name]["x"]))
         qconfig = QuantConfig.of(wbits=wbits, abits=abits)
         if mixed:  # the budget: this model's uniform WxAy BitOps, measured on an RTN file
-            rtn = quantize(sources[name], out / f"{name}_{config}_rtn.onnx", calib[name], qconfig,
-                           RunOptions(recon=ReconConfig(method="rtn"), progress=False, threads=args.threads)).report
-            options.mixed = MixedConfig(Targets(bitops=rtn.costs["bitops"]))
+            options.mixed = MixedConfig(Targets(bitops=_rtn_bitops(sources, calib, name, config, out, args)))
             options.work_dir = str(out / "mixed" / name)
             qconfig = QuantConfig()
         start = time.perf_counter()
@@ -195,6 +222,8 @@ def main(argv=None) -> int:
                     help="cls/rec calibration: the float pipeline's own crops of calibration pages (default), "
                          "or lines rendered alone (tools/tasks.py)")
     ap.add_argument("--calib-pages", type=int, default=48, help="pages the pipeline crops come from (default 48)")
+    ap.add_argument("--rec-width", type=int, default=640,
+                    help="rec calibration: lines padded to the widest crop, cut at this many columns (default 640)")
     ap.add_argument("--reuse", action="store_true", help="take quantized files already in --keep")
     ap.add_argument("--iters", type=int, default=None, help="reconstruction iterations per block (default: preset)")
     ap.add_argument("--threads", type=int, default=None)
@@ -205,7 +234,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     for config in args.configs:
         if not CONFIG.fullmatch(config):
-            ap.error(f"--configs: {config!r} is not WxAy or WxAymp")
+            ap.error(f"--configs: {config!r} is not WxAy, WxAymp or WxAypb")
 
     pages, boxes, texts = tasks.page_dataset(args.pages)
     with tempfile.TemporaryDirectory(prefix="ocrpipe.") as tmp:
@@ -217,7 +246,7 @@ def main(argv=None) -> int:
         calib = {"det": tasks.calibration("det", args.calib[0])}
         if args.calib_source == "pipeline":  # calibration pages: seed 1000, disjoint from the evaluation pages
             calib.update(pipeline_calibration(sources, tasks.page_dataset(args.calib_pages, tasks.CALIB_SEED)[0],
-                                              args.calib[1], args.calib[2]))
+                                              args.calib[1], args.calib[2], args.rec_width))
         else:
             calib.update({name: tasks.calibration(name, n) for name, n in zip(MODELS[1:], args.calib[1:])})
         rows: list[dict] = []

@@ -68,12 +68,24 @@ class SearchResult:
                 "measured_loss": self.measured_loss, "block_losses": self.block_losses, "costs": self.costs}
 
 
-def search(ctx: Context, state: QuantState) -> SearchResult:
-    """The bit plan within ctx.options.mixed's budgets with the least predicted loss."""
+@dataclass
+class SearchSpace:
+    """One model's side of a search: its per-block options, their losses and costs under the
+    named budgets (limits open), and the costs no block's choice changes."""
+
+    table: SensitivityTable
+    costs: CostModel
+    problem: Problem
+    const: np.ndarray
+    names: list[str]
+
+
+def search_space(ctx: Context, state: QuantState, names: list[str]) -> SearchSpace:
+    """The sensitivities (measured or cached) and the cost of every block option, for `names`."""
     config, mirror, model, feeds = ctx.options.mixed, ctx.mirror, ctx.model, ctx.feeds
     sample = {k: v[:1] for k, v in feeds.items()}
     latency = _latency_table(model, sample, config, ctx.options.work_dir, ctx.config.scheme.weight_block) \
-        if config.targets.latency_ms is not None else None
+        if "latency_ms" in names else None
     costs = CostModel(model, mirror, state.points, state.quantizers, sample, latency,
                       profile(ctx.config.runtime).fused_bits)
     size_hint = dict(costs.numel)
@@ -83,24 +95,39 @@ def search(ctx: Context, state: QuantState) -> SearchResult:
             if tensor:
                 ops_hint[tensor] = ops_hint.get(tensor, 0.0) + node.macs
     table = load_or_measure(ctx, state, (size_hint, ops_hint))
-    started = time.perf_counter()
+    problem, const = _problem(table, costs, names, [np.inf] * len(names))
+    return SearchSpace(table, costs, problem, const, names)
+
+
+def search(ctx: Context, state: QuantState) -> SearchResult:
+    """The bit plan within ctx.options.mixed's budgets with the least predicted loss."""
+    config = ctx.options.mixed
     budgets = config.targets.budgets()
     names = list(budgets) or ["size_bytes"]
-    problem, const = _problem(table, costs, names, [budgets.get(n, np.inf) for n in names])
-    _check_reachable(problem, const, names, budgets)
+    space = search_space(ctx, state, names)
+    started = time.perf_counter()
+    problem, const = space.problem, space.const
+    problem.limits = np.array([budgets.get(n, np.inf) for n in names], float) - const
+    check_reachable(problem, const, names, budgets)
     result_extra: dict = {}
     if config.targets.metric is not None:
-        choice, result_extra = _meet_metric(ctx, state, table, problem, const, names, costs)
+        choice, result_extra = _meet_metric(ctx, state, space.table, problem, const, names, space.costs)
     else:
         choice = solve(problem, config.solver, config.ga, ctx.options.seed)
         if choice is None:
-            raise QLimitError(_unreachable_together(problem, const, names, budgets))
-    plan = _plan_of(table, choice, state.points, costs)
-    tune = probe_schedule(ctx.recon, config.sensitivity)
-    return SearchResult(plan, problem.totals(choice)[0], costs.evaluate(plan), config.solver,
-                        time.perf_counter() - started, table.seconds, table.from_cache, **result_extra,
+            raise QLimitError(unreachable_together(problem, const, names, budgets))
+    return result_of(ctx, space, choice, time.perf_counter() - started, result_extra)
+
+
+def result_of(ctx: Context, space: SearchSpace, choice: list[int], seconds: float, extra: dict | None = None
+              ) -> SearchResult:
+    """The SearchResult of one choice of option per block of `space`."""
+    plan = _plan_of(space.table, choice, list(space.costs.points.values()), space.costs)
+    tune = probe_schedule(ctx.recon, ctx.options.mixed.sensitivity)
+    return SearchResult(plan, space.problem.totals(choice)[0], space.costs.evaluate(plan), ctx.options.mixed.solver,
+                        seconds, space.table.seconds, space.table.from_cache, **(extra or {}),
                         scored_after=tune.iters if tune is not None else 0,
-                        block_losses=[float(l[i]) for l, i in zip(problem.losses, choice)])
+                        block_losses=[float(l[i]) for l, i in zip(space.problem.losses, choice)])
 
 
 def _plan_of(table: SensitivityTable, choice: list[int], points: list[QuantPoint], costs: CostModel) -> BitPlan:
@@ -148,7 +175,7 @@ def _reachable(problem: Problem, const: np.ndarray, k: int) -> float:
     return float(const[k] + sum(c[:, k].min() for c in problem.costs))
 
 
-def _check_reachable(problem: Problem, const: np.ndarray, names: list[str], budgets: Mapping[str, float]) -> None:
+def check_reachable(problem: Problem, const: np.ndarray, names: list[str], budgets: Mapping[str, float]) -> None:
     for k, name in enumerate(names):
         if name in budgets and _reachable(problem, const, k) > budgets[name]:
             flag, fmt = UNITS[name]
@@ -156,7 +183,7 @@ def _check_reachable(problem: Problem, const: np.ndarray, names: list[str], budg
                               f"{fmt(_reachable(problem, const, k))} with these widths")
 
 
-def _unreachable_together(problem, const, names, budgets) -> str:
+def unreachable_together(problem, const, names, budgets) -> str:
     parts = ", ".join(f"{UNITS[n][0]} (alone >= {UNITS[n][1](_reachable(problem, const, k))})"
                       for k, n in enumerate(names) if n in budgets)
     return f"these budgets cannot be met together: {parts}"
@@ -178,7 +205,7 @@ def _meet_metric(ctx: Context, state: QuantState, table: SensitivityTable, probl
         if choice is not None and choice not in plans:
             plans.append(choice)
     if not plans:
-        raise QLimitError(_unreachable_together(problem, const, names, config.targets.budgets()))
+        raise QLimitError(unreachable_together(problem, const, names, config.targets.budgets()))
     plans.sort(key=lambda c: float(problem.totals(c)[1][0]))
     def recalibrate() -> None:  # activation ranges observed with the plan's weights, as its file will have them
         state.calibration = calibrate(ctx.mirror, state.points, state.quantizers, ctx.batches(), ctx.config.scheme,

@@ -93,13 +93,14 @@ class QuantConfig:
     widths: Widths = field(default_factory=Widths)
     scheme: Scheme = field(default_factory=Scheme)
     placement: Placement = field(default_factory=Placement)
-    # SmoothQuant migration strength (alpha) for MatMul/Gemm inputs; None: the runtime's default
-    # (off, tensorrt 0.8); 0: off. Resolved at construction: afterwards None means off.
-    smooth: float | None = None
+    # SmoothQuant migration strength (alpha) for MatMul/Gemm inputs: "auto" chooses per tensor
+    # (smooth.choose_alphas); None: the runtime's default ("auto", tensorrt 0.8); 0: off.
+    # Resolved at construction: afterwards None means off.
+    smooth: float | str | None = None
     runtime: str = "generic"  # the runtime profile (runtimes.py) the file is written for
 
     @classmethod
-    def of(cls, smooth: float | None = None, runtime: str = "generic", **settings) -> QuantConfig:
+    def of(cls, smooth: float | str | None = None, runtime: str = "generic", **settings) -> QuantConfig:
         """A config from flat keywords, each given to the part that owns it:
         `QuantConfig.of(wbits=4, abits=4, exclude=("head",), act_init="minmax")`."""
         parts = [part(**{f.name: settings.pop(f.name) for f in fields(part) if f.name in settings})
@@ -109,8 +110,9 @@ class QuantConfig:
         return cls(*parts, smooth=smooth, runtime=runtime)
 
     def __post_init__(self):
-        if self.smooth is not None and not 0.0 <= self.smooth < 1.0:
-            raise QLimitError(f"--smooth must be from 0 (off) to below 1 (got {self.smooth})")
+        if self.smooth is not None and self.smooth != "auto" and not (
+                isinstance(self.smooth, (int, float)) and 0.0 <= self.smooth < 1.0):
+            raise QLimitError(f"--smooth must be 'auto' or from 0 (off) to below 1 (got {self.smooth})")
         # The profile fixes what the runtime needs (signedness, granularity) and refuses widths it cannot run.
         runtime = profile(self.runtime)
         self.smooth = runtime.smooth if self.smooth is None else (self.smooth or None)

@@ -68,7 +68,7 @@ class RuntimeProfile:
     # output Q/DQ (at their input's width) and int32 biases: the fused form
     ops: Mapping[str, OpRule] | None = None  # per compute op; None: every supported width
     quantize_all: bool = False  # Q/DQ on every float tensor read as data (the runtime runs whole QDQ node units)
-    smooth: float | None = None  # SmoothQuant alpha unless the user sets --smooth (symmetric activations need it)
+    smooth: float | str = "auto"  # SmoothQuant unless the user sets --smooth: per tensor ("auto") or one alpha
     # the widths a search chooses from unless told (FLOAT_BITS: weight-only, or a float layer)
     wbits_choices: tuple[int, ...] = DEFAULT_WBITS_CHOICES
     abits_choices: tuple[int, ...] = DEFAULT_ABITS_CHOICES
