@@ -31,6 +31,7 @@ from onnx import helper, numpy_helper
 
 from .graph import topological_sort
 from .mirror import Mirror
+from .quant.config import QuantConfig
 from .quant.fake_quant import FakeQuantize, QuantSpec
 from .quant.observers import RangeObserver, weight_qparams
 from .quant.policy import place
@@ -122,7 +123,7 @@ def _weight_max(layers, weights) -> np.ndarray:
 
 
 def smooth_model(model: onnx.ModelProto, mirror: Mirror, batches: Iterable[Mapping[str, np.ndarray]],
-                 config) -> tuple[onnx.ModelProto, dict[str, float]]:
+                 config: QuantConfig) -> tuple[onnx.ModelProto, dict[str, float]]:
     """The model as `config.smooth` asks (one alpha for every candidate, or "auto": chosen per
     tensor at the widths placement gives it), and the alpha of each smoothed tensor."""
     if config.smooth == "auto":
@@ -140,7 +141,7 @@ def smooth_model(model: onnx.ModelProto, mirror: Mirror, batches: Iterable[Mappi
         alphas = choose_alphas({t: found[t] for t in tensors}, act_max, rows, specs, config.scheme.weight_init,
                                config.scheme.act_init)
     else:
-        alphas = {t: config.smooth for t in candidates(model)}
+        alphas = {t: config.smooth for t in _smoothable(model)}
         act_max = channel_max(mirror, batches, list(alphas))
     return (smooth(model, act_max, alphas), alphas) if alphas else (model, {})
 

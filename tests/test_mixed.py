@@ -300,6 +300,8 @@ def test_two_bit_weights_beside_eight_bit_inputs_load_with_default_optimizations
     (["--target-size", "lots"], "expected a size"),
     (["--target-size", "50KB", "--bits-plan", "plan.json"], "cannot be combined"),
     (["--bits-plan", "missing.json"], "no such bit plan file"),
+    (["--smooth", "banana"], "expected 'auto' or a number"),  # not mixed precision, but refused the same way
+    (["--smooth", "1.5"], "--smooth must be 'auto' or from 0"),
 ])
 def test_bad_mixed_precision_options_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)

@@ -4,6 +4,7 @@ model and the ground truth, with onnxruntime's quantize_static beside.
 
     python -m tools.detector --bits W8A8 W4A8 W4A4 --ort            # train (cached), then the table
     python -m tools.detector --bits W4A4 --first-last-bits same      # the head policy's other side
+    python -m tools.detector --bits W4A4 --mixed-at W4A4             # + a mixed plan at uniform W4A4's BitOps
 
 Data: 4 classes (disc, box, triangle, cross) in random colours, sizes 10-72 px, 1-6 per
 image, on shaded, noisy backgrounds with distractor strokes; every draw is seeded, and
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from onnxqlimit import QuantConfig, ReconConfig, RunOptions, quantize
+from onnxqlimit import MixedConfig, QuantConfig, ReconConfig, RunOptions, Targets, quantize
 from onnxqlimit.cli import parse_bit_overrides
 from tools import archs
 from tools.common import Table, bits_option, widths
@@ -314,6 +315,8 @@ def main(argv=None) -> int:
     ap.add_argument("--first-last-bits", default="8")
     ap.add_argument("--bits-override", default="", metavar="NAME_OR_REGEX=W/A,...",
                     help="per-node widths, as the CLI's --bits (e.g. the box branch's last convs at 8 bits)")
+    ap.add_argument("--mixed-at", nargs="*", default=[], type=bits_option, metavar="WxAy",
+                    help="also a mixed-precision plan (weights 2/3/4/8, activations 4/8) at that uniform width's BitOps")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ort", action="store_true", help="also onnxruntime quantize_static (4 or 8 bits)")
     ap.add_argument("--keep", help="folder for the exported and quantized files")
@@ -336,34 +339,45 @@ def main(argv=None) -> int:
         rows = [{"bits": "float", "method": "-", "f1": 1.0, "map50": map50(detections(src, images, conf=0.001), gt),
                  "size_bytes": src.stat().st_size, "seconds": 0.0}]
         print(f"float: mAP@0.5 {rows[0]['map50']:.3f}, {sum(map(len, ref))} detections on {args.eval} images", flush=True)
-        for bits in args.bits:
+
+        def config(wbits: int, abits: int) -> QuantConfig:
+            return QuantConfig.of(wbits=wbits, abits=abits, first_last_bits=flb,
+                                  overrides=parse_bit_overrides(args.bits_override))
+
+        def options(method: str, **kw) -> RunOptions:
+            return RunOptions(recon=ReconConfig.preset("fast", method=method, iters=args.iters, calib_size=args.calib),
+                              progress=False, threads=args.threads, **kw)
+
+        cells = [(bits, m) for bits in args.bits for m in [args.method] + (["onnxruntime"] if args.ort else [])]
+        cells += [(bits, "mixed") for bits in args.mixed_at]
+        for bits, method in cells:
             wbits, abits = widths(bits)
-            runs = [args.method] + (["onnxruntime"] if args.ort else [])
-            for method in runs:
-                path = out / f"{bits}_{method}.onnx"
-                start = time.perf_counter()
-                try:
-                    if method == "onnxruntime":
-                        from tools.ort_baseline import quantize_with_ort
-                        quantize_with_ort(src, calib, path, wbits, abits)
-                    else:
-                        quantize(src, path, calib,
-                                 QuantConfig.of(wbits=wbits, abits=abits, first_last_bits=flb,
-                                                overrides=parse_bit_overrides(args.bits_override)),
-                                 RunOptions(recon=ReconConfig.preset("fast", method=method, iters=args.iters,
-                                                                     calib_size=args.calib),
-                                            progress=False, threads=args.threads))
-                    secs = time.perf_counter() - start
-                    row = {"bits": bits, "method": method, "f1": f1(detections(path, images), ref),
-                           "map50": map50(detections(path, images, conf=0.001), gt),
-                           "size_bytes": path.stat().st_size, "seconds": secs}
-                except Exception as err:  # noqa: BLE001 - a failed cell is a result
-                    row = {"bits": bits, "method": method, "error": f"{type(err).__name__}: {err}"[:160]}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                if args.jsonl:
-                    with open(args.jsonl, "a") as fh:
-                        fh.write(json.dumps(row) + "\n")
+            path = out / f"{bits}_{method}.onnx"
+            start = time.perf_counter()
+            try:
+                if method == "onnxruntime":
+                    from tools.ort_baseline import quantize_with_ort
+                    quantize_with_ort(src, calib, path, wbits, abits)
+                elif method == "mixed":  # the budget: the uniform plan's BitOps, from a round-to-nearest file
+                    budget = quantize(src, out / f"{bits}_rtn.onnx", calib, config(wbits, abits),
+                                      options("rtn", overwrite=True)).report.costs["bitops"]
+                    start = time.perf_counter()
+                    quantize(src, path, calib, config(8, 8),
+                             options(args.method, mixed=MixedConfig(Targets(bitops=budget)),
+                                     work_dir=str(out / "mixed")))
+                else:
+                    quantize(src, path, calib, config(wbits, abits), options(method))
+                secs = time.perf_counter() - start
+                row = {"bits": bits, "method": method, "f1": f1(detections(path, images), ref),
+                       "map50": map50(detections(path, images, conf=0.001), gt),
+                       "size_bytes": path.stat().st_size, "seconds": secs}
+            except Exception as err:  # noqa: BLE001 - a failed cell is a result
+                row = {"bits": bits, "method": method, "error": f"{type(err).__name__}: {err}"[:160]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
     print()
     table = Table(["bits", "method", "F1 vs float", "mAP@0.5", "size vs float", "time"], args.json,
                   "A detector trained on generated shapes",

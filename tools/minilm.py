@@ -208,6 +208,10 @@ def main(argv=None) -> int:
     ap.add_argument("--target-size", type=float, metavar="RATIO",
                     help="mixed precision: the file at most this fraction of the float file's size")
     ap.add_argument("--wbits-choices", default="4,8", help="with --target-size: the weight widths to choose from")
+    ap.add_argument("--bitops-of", action="store_true",
+                    help="each --bits row becomes a mixed plan at that uniform width's BitOps (weights from "
+                         "--wbits-choices, activations from --abits-choices)")
+    ap.add_argument("--abits-choices", default="4,8,16", help="with --bitops-of: the activation widths")
     ap.add_argument("--keep", help="folder to keep the exported and quantized files in")
     ap.add_argument("--json", help="write the table as a docs/results record here")
     args = ap.parse_args(argv)
@@ -228,6 +232,8 @@ def main(argv=None) -> int:
                                             ("--quantize-add", args.quantize_add),
                                             (f"--target-size {args.target_size} (weights {args.wbits_choices})",
                                              args.target_size),
+                                            (f"mixed at each row's uniform BitOps (weights {args.wbits_choices}, "
+                                             f"activations {args.abits_choices})", args.bitops_of),
                                             (f"--granularity {args.granularity} --block-layers {args.block_layers}",
                                              (args.granularity, args.block_layers) != ("block", 6))) if given]
         table = Table(["model", f"method{' + smooth ' + str(args.smooth) if args.smooth is not None else ''}", "emb bits", "cosine",
@@ -244,14 +250,26 @@ def main(argv=None) -> int:
             rows = []
             for emb_bits in args.embedding_bits:
                 out = work / f"{bits}_{args.method}_e{emb_bits}.onnx"
-                config = QuantConfig.of(wbits=wbits, abits=abits, embedding_bits=emb_bits or None,
-                                        quantize_act_matmul=args.quantize_attention, quantize_add=args.quantize_add,
-                                        smooth=args.smooth, weight_block=args.weight_block, runtime=args.runtime)
+                def config_at(w: int, a: int) -> QuantConfig:
+                    return QuantConfig.of(wbits=w, abits=a, embedding_bits=emb_bits or None,
+                                          quantize_act_matmul=args.quantize_attention, quantize_add=args.quantize_add,
+                                          smooth=args.smooth, weight_block=args.weight_block, runtime=args.runtime)
+
+                config = config_at(wbits, abits)
                 started = time.perf_counter()
                 recon = ReconConfig.preset("fast", method=args.method, iters=args.iters, calib_size=args.calib_size,
                                            granularity=args.granularity, max_layers=args.block_layers)
                 mixed = MixedConfig()
-                if args.target_size:
+                if args.bitops_of:  # the budget: the uniform plan's BitOps, from a round-to-nearest file
+                    budget = quantize(src, work / f"{bits}_rtn_budget.onnx", calib, config,
+                                      RunOptions(recon=ReconConfig(method="rtn", calib_size=args.calib_size),
+                                                 progress=False, overwrite=True)).report.costs["bitops"]
+                    started = time.perf_counter()
+                    mixed = MixedConfig(Targets(bitops=budget), SensitivityConfig(
+                        tuple(int(b) for b in args.wbits_choices.split(",")),
+                        tuple(int(b) for b in args.abits_choices.split(","))))
+                    config = config_at(8, 8)
+                elif args.target_size:
                     choices = tuple(int(b) for b in args.wbits_choices.split(","))
                     mixed = MixedConfig(Targets(size_bytes=args.target_size * src.stat().st_size),
                                         SensitivityConfig(wbits_choices=choices, abits_choices=(abits,)))
