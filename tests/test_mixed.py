@@ -338,6 +338,7 @@ def test_latency_budget_is_met_by_the_measured_table(tmp_path, work_dir):
     assert 0.1 < costs["measured_latency_ms"] / table["float_model_ms"] < 20, (costs, table["float_model_ms"])
 
 
+@pytest.mark.slow
 def test_a_shared_budget_is_met_by_the_files_together_and_moves_between_models(tmp_path):
     """quantize_pipeline: one BitOps budget (the models' uniform-W4A4 BitOps, summed) over three
     models. The sum of the three files' BitOps, recomputed from the files alone, meets it and
