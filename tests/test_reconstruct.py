@@ -137,8 +137,10 @@ def test_task_loss_picks_kl_for_probabilities_and_logits_and_squares_otherwise()
 
 
 def _calibrated(name: str, wbits: int, abits: int, samples: int = 64):
-    """The zoo model placed and calibrated by the pipeline's own first stages."""
-    ctx = prepare(str(MODELS / f"{name}.onnx"), str(MODELS / f"{name}_calib.npz"), QuantConfig.of(wbits=wbits, abits=abits),
+    """The zoo model placed and calibrated by the pipeline's own first stages, without smoothing:
+    these tests pin reconstruction's mechanics on the graph as given (with the classifier's
+    input smoothed, its block fell only 57.9 -> 56.4 at W2A4; see issue 23's closing note)."""
+    ctx = prepare(str(MODELS / f"{name}.onnx"), str(MODELS / f"{name}_calib.npz"), QuantConfig.of(wbits=wbits, abits=abits, smooth=0),
                   RunOptions(recon=ReconConfig(calib_size=samples, batch_size=16), progress=False, device="cpu"))
     return ctx.model, ctx.mirror, place_and_calibrate(ctx), ctx.feeds
 
