@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ga-generations", type=_positive, default=200)
     m.add_argument("--ga-mutation", type=float, default=0.05, help="per-gene mutation probability (default 0.05)")
     m.add_argument("--ga-crossover", type=float, default=0.9, help="crossover probability (default 0.9)")
-    m.add_argument("--sens-samples", type=_positive, default=32, help="samples for the sensitivities (default 32)")
+    m.add_argument("--sens-samples", type=_positive, default=None,
+                   help="samples for the sensitivities (default 32, down to 8 for large inputs: 8 at 640x640)")
     m.add_argument("--sens-iters", type=int, default=SensitivityConfig.tune_iters, metavar="N",
                    help="reconstruction iterations each candidate configuration gets before it is scored, so plans "
                         f"rank by their loss after reconstruction (default {SensitivityConfig.tune_iters}; "

@@ -56,6 +56,21 @@ def _check_against_the_file(result, targets: Targets) -> dict:
     return by_hand
 
 
+def test_sensitivity_sample_count_shrinks_for_large_inputs_unless_given():
+    def feeds(n, *shape):  # shapes only: nothing is allocated
+        return {"x": np.broadcast_to(np.float32(0), (n, *shape)), "sr": np.broadcast_to(np.int64(0), (n,))}
+
+    auto = SensitivityConfig()
+    assert auto.sample_count(feeds(256, 3, 32, 32)) == 32
+    assert auto.sample_count(feeds(256, 3, 640, 640)) == 8  # a page: 8 hold as many values as 32 of 320x320
+    assert auto.sample_count(feeds(64, 3, 448, 448)) == 16
+    assert auto.sample_count(feeds(5, 3, 32, 32)) == 5  # never more than there are
+    assert SensitivityConfig(samples=20).sample_count(feeds(256, 3, 640, 640)) == 20  # given: taken as it is
+    assert SensitivityConfig(samples=20).sample_count(feeds(12, 3, 32, 32)) == 12
+    with pytest.raises(QLimitError):
+        SensitivityConfig(samples=0)
+
+
 def test_size_budget_is_met_on_the_file_and_layers_get_their_own_types(tmp_path, work_dir):
     result = _run(tmp_path, work_dir, Targets(size_bytes=45_000))
     _check_against_the_file(result, Targets(size_bytes=45_000))
@@ -230,6 +245,49 @@ def test_block_scores_are_whole_model_losses_lowered_by_reconstruction(tmp_path)
             assert option.loss == pytest.approx(total / 16, rel=1e-3)
             checked += 1
     assert checked >= 2 and gains and min(gains) < 0.8, (checked, sorted(gains)[:5])
+
+
+def test_one_short_reconstruction_per_weight_width_scores_every_activation_width(monkeypatch):
+    """BlockLoss.model_losses tunes each weight width below 8 once, at the widest
+    activations: there it gives what tuning that configuration alone gives; a narrower
+    activation width loses the same amount from its round-to-nearest loss, never below the
+    tuned one; and the block's configurations rank as tuning each alone ranks them."""
+    from scipy.stats import spearmanr
+
+    from onnxqlimit.mixed import block_loss
+    from onnxqlimit.pipeline import place_and_calibrate, prepare
+    from onnxqlimit.recon.blocks import find_blocks
+    from onnxqlimit.recon.runner import quantizer_owners
+
+    recon = ReconConfig(method="qdrop", calib_size=16, batch_size=8)
+    config = SensitivityConfig(samples=16, tune_iters=30)
+    ctx = prepare(RESNET, CALIB, QuantConfig(smooth=0), RunOptions(recon=recon, progress=False,
+                                                                   mixed=MixedConfig(Targets(avg_wbits=4.0), config)))
+    state = place_and_calibrate(ctx)
+    blocks = find_blocks(ctx.model, recon.block_config)
+    owners, on_entry = quantizer_owners(ctx.mirror, blocks, state.points)
+    block = blocks[1]
+    owned = [p for p in owners[block.index] if not p.fixed]
+    assert {p.kind for p in owned} == {"weight", "activation"}
+    tune = block_loss.probe_schedule(recon, config)
+    samples = block_loss.float_pass(ctx.mirror, state, ctx.feeds, blocks, config, 0, tune)
+    runner = block_loss.BlockLoss(ctx.mirror, state, samples, on_entry, tune, 0, ctx.feeds)
+    grid = [{p.tensor: w if p.kind == "weight" else a for p in owned} for w in (2, 4, 8) for a in (4, 8)]
+    rtn = block_loss.BlockLoss(ctx.mirror, state, samples, on_entry).model_losses(block, owned, grid)
+    tunings = []
+    original = block_loss.tune_block
+    monkeypatch.setattr(block_loss, "tune_block", lambda *a, **k: tunings.append(1) or original(*a, **k))
+    shared = runner.model_losses(block, owned, grid)
+    assert len(tunings) == 2  # W2 and W4 at A8; W8 is never tuned
+    alone = [runner.model_loss(block, owned, bits) for bits in grid]
+    runner.restore()
+    for i in (1, 3):  # W2A8, W4A8: the probes themselves
+        assert shared[i] == pytest.approx(alone[i], rel=1e-4)
+    for i in (0, 2):  # W2A4, W4A4: the same loss removed as at A8, floored at the A8 probe
+        assert shared[i + 1] <= shared[i] <= rtn[i]
+        assert shared[i] == pytest.approx(max(shared[i + 1], rtn[i] - (rtn[i + 1] - shared[i + 1])))
+    assert shared[4:] == rtn[4:]
+    assert rtn[2] > shared[2] and spearmanr(shared, alone).statistic >= 0.8, (rtn, shared, alone)
 
 
 def test_sixteen_bit_activations_are_a_search_choice(tmp_path, work_dir):

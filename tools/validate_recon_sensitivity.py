@@ -12,8 +12,10 @@ and one measurement:
 - model rtn: the whole model's task loss, run from the block on with only the block
   quantized, round to nearest, on the sensitivity samples (the table of an rtn run or of
   --sens-iters 0, for these configurations);
-- model probe: the same after a short reconstruction of the block at that configuration
-  (the table with --sens-iters N, the default);
+- model probe: the same after a short reconstruction of the block at that configuration;
+- shared probe: what the table holds (--sens-iters N, the default): one short
+  reconstruction per weight width, at the widest activations, whose loss reduction is
+  taken off the narrower activations too (BlockLoss.model_losses);
 - measured: the block reconstructed with the full schedule of the run (the fast preset,
   all calibration samples), every other block float, and the whole model's task loss
   against the float model on held-out samples - what a plan pays for that block after
@@ -98,8 +100,16 @@ def validate(name: str, calib: int, held: int, sens_samples: int, probe_iters: i
     if pairs and pairs < len(cases):
         picks = np.random.default_rng(0).choice(len(cases), pairs, replace=False)
         cases = [cases[i] for i in sorted(picks)]
-    rows, seconds = [], {"rtn": 0.0, "model": 0.0, "probe": 0.0, "full": 0.0}
+    rows, seconds = [], {"rtn": 0.0, "model": 0.0, "probe": 0.0, "shared": 0.0, "full": 0.0}
+    shared: dict[tuple[int, str], float] = {}
     for block, owned, bits, label in cases:
+        if (block.index, label) not in shared:  # the block's whole grid, as the table measures it
+            started = time.perf_counter()
+            grid = [(f"W{w}A{a}", {p.tensor: w if p.kind == "weight" else a for p in owned})
+                    for w in wbits for a in abits]
+            losses = probe.model_losses(block, owned, [b for _, b in grid])
+            shared.update({(block.index, g): loss for (g, _), loss in zip(grid, losses)})
+            seconds["shared"] += time.perf_counter() - started
         started = time.perf_counter()
         predicted_rtn = rtn.loss(block, owned, bits)
         seconds["rtn"] += time.perf_counter() - started
@@ -115,15 +125,17 @@ def validate(name: str, calib: int, held: int, sens_samples: int, probe_iters: i
         with full.tuned(block, owned, bits):
             after = _model_loss(ctx.mirror, held_out, reference, chunk)
         seconds["full"] += time.perf_counter() - started
-        rows.append((block.index, label, predicted_rtn, predicted_model, predicted_probe, min(before, after)))
+        rows.append((block.index, label, predicted_rtn, predicted_model, predicted_probe, shared[block.index, label],
+                     min(before, after)))
         print(f"  block {block.index} {label}: block rtn {predicted_rtn:.4g} model rtn {predicted_model:.4g} "
-              f"model probe {predicted_probe:.4g} measured {min(before, after):.4g} (rtn measured {before:.4g})",
+              f"model probe {predicted_probe:.4g} shared {shared[block.index, label]:.4g} measured {min(before, after):.4g} (rtn measured {before:.4g})",
               flush=True)
     for prober in (rtn, probe, full):
         prober.restore()
     data = np.array([r[2:] for r in rows])
     return {"model": name, "pairs": len(rows), "seconds": seconds, "rows": rows,
-            **{f"rho_{k}": spearmanr(data[:, i], data[:, 3]).statistic for i, k in enumerate(("rtn", "model", "probe"))}}
+            **{f"rho_{k}": spearmanr(data[:, i], data[:, -1]).statistic
+               for i, k in enumerate(("rtn", "model", "probe", "shared"))}}
 
 
 def main(argv=None) -> int:
@@ -141,7 +153,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the table as a docs/results record here")
     args = ap.parse_args(argv)
     table = Table(["model", "pairs", "rho block rtn (before)", "rho model rtn (--sens-iters 0)",
-                   f"rho model probe ({args.probe_iters} it)", "block rtn s", "model rtn s", "probe s", "full recon s"], args.json, "Mixed precision: predicted against post-reconstruction loss",
+                   f"rho model probe ({args.probe_iters} it)", "rho shared probe (the table)", "block rtn s",
+                   "model rtn s", "probe s", "shared s", "full recon s"], args.json, "Mixed precision: predicted against post-reconstruction loss",
                   f"Uniform block configurations (weights {args.wbits}, activations {args.abits}); measured: the "
                   f"block reconstructed (fast preset, {args.calib} samples), task loss on {args.held} held-out "
                   f"samples; predictions on {args.sens_samples} samples.")
@@ -151,7 +164,8 @@ def main(argv=None) -> int:
                      args.abits, args.chunk, args.probe_lr)
         s = r["seconds"]
         table.add(name, r["pairs"], f"{r['rho_rtn']:.3f}", f"{r['rho_model']:.3f}", f"{r['rho_probe']:.3f}",
-                  f"{s['rtn']:.1f}", f"{s['model']:.1f}", f"{s['probe']:.0f}", f"{s['full']:.0f}")
+                  f"{r['rho_shared']:.3f}", f"{s['rtn']:.1f}", f"{s['model']:.1f}", f"{s['probe']:.0f}",
+                  f"{s['shared']:.0f}", f"{s['full']:.0f}")
     return 0
 
 

@@ -90,7 +90,7 @@ def cache_key(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], state: Qu
     digest = hashlib.sha256()
     digest.update(model.SerializeToString(deterministic=True))
     for name in sorted(feeds):
-        array = np.ascontiguousarray(feeds[name][: config.samples])
+        array = np.ascontiguousarray(feeds[name][: config.sample_count(feeds)])
         digest.update(name.encode() + str(array.dtype).encode() + str(array.shape).encode() + array.tobytes())
     points = [(p.tensor, p.kind, p.fixed, p.spec.bits if p.fixed else None, p.spec.symmetric, p.spec.channel_axis,
                p.spec.block_size)
