@@ -138,6 +138,7 @@ def test_bad_plans_are_refused(tmp_path, entries, message):
     assert not (tmp_path / "o.onnx").exists()
 
 
+@pytest.mark.slow
 def test_search_is_deterministic_for_a_seed(tmp_path, work_dir):
     plans = [_run(tmp_path, work_dir, Targets(bitops=0.3e9), f"ga{i}", solver="ga", seed=3).report.plan
              for i in range(2)]
@@ -195,6 +196,7 @@ def test_mixed_plan_with_reconstruction_passes_parity(tmp_path, work_dir):
     assert len(mixed["block_losses"]) == len(result.report.reconstruction["blocks"])
 
 
+@pytest.mark.slow  # (the fast tier keeps the per-width probe test)
 def test_block_scores_are_whole_model_losses_lowered_by_reconstruction(tmp_path):
     """The table's scores: a uniform configuration scores the whole model's task loss with only
     its block quantized (checked here against a plain mirror run); after a short

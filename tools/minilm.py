@@ -275,7 +275,8 @@ def main(argv=None) -> int:
                                         SensitivityConfig(wbits_choices=choices, abits_choices=(abits,)))
                 report = quantize(src, out, calib, config, RunOptions(recon=recon, mixed=mixed, progress=False)).report
                 smoothed = f" ({len(report.smoothed)} inputs smoothed)" if report.smoothed else ""
-                rows.append((args.method + smoothed, emb_bits or "float", out, time.perf_counter() - started))
+                label = f"{args.method}, mixed at {bits}'s BitOps" if args.bitops_of else args.method
+                rows.append((label + smoothed, emb_bits or "float", out, time.perf_counter() - started))
             if args.ort and wbits in (4, 8) and abits in (4, 8):
                 from tools.ort_baseline import quantize_with_ort
 

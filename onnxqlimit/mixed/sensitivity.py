@@ -51,7 +51,7 @@ from ..state import QuantState
 from .block_loss import BlockLoss, float_pass, probe_schedule, to_model_scale
 from .config import SensitivityConfig
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: uniform configurations among the varied widths, one probe per weight width
 
 
 @dataclass
