@@ -52,8 +52,9 @@ class Samples:
 def float_pass(mirror: Mirror, state: QuantState, feeds: Mapping[str, np.ndarray], blocks: list[Block],
                 config: SensitivityConfig, seed: int, tune: ReconConfig | None = None) -> Samples:
     """The float model's block-boundary tensors and Fisher diagonal on the first
-    config.sample_count(feeds) samples, in chunks of config.chunk - or of the short reconstructions' batch size, which
-    must be the chunks' (a shape computed from the batch is cached once for every batch)."""
+    config.sample_count(feeds) samples, in chunks of config.chunk - or of the short
+    reconstructions' batch size, which must be the chunks' (a shape computed from the batch
+    is cached once for every batch)."""
     if tune is not None:
         config = replace(config, chunk=tune.batch_size)
     count = config.sample_count(feeds)
@@ -129,10 +130,10 @@ class BlockLoss:
 
         It runs at the widest activations, where the weights cause most of the error and
         learned rounding recovers most; the loss it removes there is taken off the other
-        activation widths too (floored at the tuned loss: narrower never costs less). That
-        halves the probes of a block with activation choices 4/8 (on PP-OCR det at 640x640
-        they were 72% of the table's time); the ranks it gives are measured in
-        docs/mixed_precision.md."""
+        activation widths too (floored at the tuned loss: narrower never costs less). A probe
+        per configuration would double the probes of a block with activation choices 4/8,
+        and probes are most of a table's time (PP-OCR det at 640x640: 537 of 819 s); this
+        ranks as well (docs/mixed_precision.md, "Scored on the whole model")."""
         def widths(bits: Mapping[str, int], kind: str) -> list[int]:
             return [bits[p.tensor] for p in owned if p.kind == kind and p.tensor in bits]
 

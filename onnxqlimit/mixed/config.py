@@ -72,14 +72,14 @@ class SensitivityConfig:
         if self.tune_iters < 0:
             raise QLimitError(f"--sens-iters must be 0 (round to nearest) or positive (got {self.tune_iters})")
 
-
     def sample_count(self, feeds: Mapping[str, np.ndarray]) -> int:
         """How many calibration samples the table is measured on: `samples` when given, else
         32, or fewer (down to 8) for large inputs. Every measurement runs a block or the rest
         of the model on all of them, so their cost grows with the values they hold; and on a
         convolutional or token model every position is a sample of the same statistics, so a
         few large inputs average as well as many small ones. 8 pages of 640x640 hold as many
-        values as 32 inputs of 320x320 (PP-OCR det: the table took 4x less time)."""
+        values as 32 inputs of 320x320 (PP-OCR det: the table in half the time, same ranks;
+        docs/mixed_precision.md)."""
         total = len(next(iter(feeds.values())))
         if self.samples is not None:
             return min(self.samples, total)
