@@ -92,7 +92,8 @@ def build_report(ctx: Context, state: QuantState, exported, output_path: Path, s
             entry = by_node.setdefault(consumer, {})
             key = "weight" if point.kind == "weight" else f"input {point.tensor}"
             entry[key] = {"tensor": point.tensor, "bits": point.spec.bits, **_scale_stats(quantizers[point.tensor])}
-    node_outputs = {n.name: n.outputs[0] for n in mirror.nodes if n.name in by_node}
+    # (the first named output: a recurrent node may leave Y unnamed and return only its state)
+    node_outputs = {n.name: next(o for o in n.outputs if o) for n in mirror.nodes if n.name in by_node}
     sqnr = node_sqnr(mirror, quantizers, ctx.feeds, sorted(set(node_outputs.values())))
     op_types = {n.name: n.op_type for n in mirror.nodes}
     nodes = [{"node": name, "op": op_types.get(name), **entry,

@@ -100,3 +100,56 @@ def test_unsupported_recurrent_attributes_are_refused_in_one_line():
         Mirror(_model("RNN", activations=["Gelu"]))
     with pytest.raises(QLimitError, match="activations given"):
         Mirror(_model("GRU", activations=["Sigmoid"]))
+
+
+def _conv_recurrent_model(op: str) -> onnx.ModelProto:
+    """x [batch, 4, 40] -> Conv1d -> Relu -> [time, batch, channels] -> op -> final state -> Gemm."""
+    rng = np.random.default_rng(2)
+    hidden, g = 6, GATES[op]
+
+    def init(name, *shape):
+        return helper.make_tensor(name, TensorProto.FLOAT, shape, rng.normal(0, 0.4, shape).astype(np.float32).ravel())
+
+    outputs = ["", "h"] + (["c"] if op == "LSTM" else [])
+    nodes = [helper.make_node("Conv", ["x", "cw", "cb"], ["conv"], strides=[2]),
+             helper.make_node("Relu", ["conv"], ["act"]),
+             helper.make_node("Transpose", ["act"], ["seq"], perm=[2, 0, 1]),
+             helper.make_node(op, ["seq", "W", "R", "B"], outputs, hidden_size=hidden),
+             helper.make_node("Squeeze", ["h", "axes"], ["last"]),
+             helper.make_node("Gemm", ["last", "fw", "fb"], ["y"], transB=1)]
+    inits = [init("cw", 8, 4, 3), init("cb", 8), init("W", 1, g * hidden, 8), init("R", 1, g * hidden, hidden),
+             init("B", 1, 2 * g * hidden), init("fw", 3, hidden), init("fb", 3),
+             helper.make_tensor("axes", TensorProto.INT64, [1], [0])]
+    graph = helper.make_graph(nodes, "conv_rnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, 40])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("method", ["rtn", pytest.param("qdrop", marks=pytest.mark.slow)])
+def test_a_model_with_a_recurrent_layer_quantizes_around_it_and_its_weights(tmp_path, op, method):
+    """W4A8: the Conv and Gemm at 4 bits in integer kernels; the recurrent layer's W and R
+    int8 (at least 8 bits by default) with one scale per gate row, dequantized in front
+    of it; the file passes the integer parity check against the mirror."""
+    from onnx import numpy_helper
+
+    from onnxqlimit import QuantConfig, ReconConfig, RunOptions, quantize
+
+    source = tmp_path / f"{op}.onnx"
+    onnx.save(_conv_recurrent_model(op), str(source))
+    calib = {"x": np.random.default_rng(3).normal(size=(32, 4, 40)).astype(np.float32)}
+    result = quantize(str(source), tmp_path / "q.onnx", calib, QuantConfig.of(wbits=4, abits=8, first_last_bits=None),
+                      RunOptions(recon=ReconConfig(method=method, calib_size=32, batch_size=8, iters=20),
+                                 progress=False))
+    assert all(p["within_one_step"] > 0.99 for p in result.report.parity)
+    model = onnx.load(str(result.output_path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    made = {o: n for n in model.graph.node for o in n.output}
+    node = next(n for n in model.graph.node if n.op_type == op)
+    for name in node.input[1:3]:
+        dq = made[name]
+        assert dq.op_type == "DequantizeLinear" and helper.get_attribute_value(dq.attribute[0]) == 1
+        assert inits[dq.input[0]].dtype == np.int8 and inits[dq.input[1]].shape == (GATES[op] * 6,)
+    assert str(inits[made[made["conv"].input[1]].input[0]].dtype) == "int4"  # the Conv at 4 bits
+    session = ort_session(result.output_path.read_bytes())
+    assert session.run(None, {"x": calib["x"][:2]})[0].shape == (2, 3)

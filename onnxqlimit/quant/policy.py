@@ -31,6 +31,7 @@ from .fake_quant import QuantSpec
 from .runtimes import profile
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")  # weight-only: W and R (_add_recurrent)
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 
 
@@ -183,6 +184,11 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
             if node.op_type == "Gather" and not _matches(placement.exclude, node):
                 bits = next((w for p, w, _ in reversed(widths.overrides) if _matches([p], node)), widths.embedding_bits)
                 _add_table(node, inits, weights, scheme.weight_symmetric, bits, scheme.weight_block or TABLE_BLOCK)
+
+    for node in graph.node:
+        if node.op_type in RECURRENT_OPS and not _matches(placement.exclude, node):
+            wbits, _, fixed = bits_for(node)
+            _add_recurrent(node, inits, weights, scheme.weight_symmetric, wbits if fixed else max(wbits, 8))
 
     extra_ops = {"Add"} if placement.quantize_add else set()
     extra_ops |= {"Concat"} if placement.quantize_concat else set()
@@ -427,6 +433,18 @@ def _add_table(node: onnx.NodeProto, inits, weights: dict[str, QuantPoint], symm
     blocked = bits < 8 and len(table.dims) == 2 and axis == 0
     spec = QuantSpec(bits, symmetric, axis, block if blocked else None)
     weights[name] = QuantPoint(name, "weight", spec, [node.name], fixed=True, table=True)
+
+
+def _add_recurrent(node: onnx.NodeProto, inits, weights: dict[str, QuantPoint], symmetric: bool, bits: int) -> None:
+    """W and R of an LSTM / GRU / RNN, [directions, gates x hidden, in]: one scale per gate
+    row (axis 1; one DequantizeLinear axis, so the directions share it). At least 8 bits
+    unless a --bits pattern names the node: the recurrence feeds each step's rounding
+    error back into the next. The activations inside the recurrence stay float."""
+    for name in node.input[1:3]:
+        tensor = inits.get(name)
+        if tensor is None or tensor.data_type not in _FLOAT_TYPES or len(tensor.dims) != 3 or name in weights:
+            continue
+        weights[name] = QuantPoint(name, "weight", QuantSpec(bits, symmetric, 1), [node.name], fixed=True)
 
 
 def _float_tensors(model: onnx.ModelProto) -> set[str]:
