@@ -15,7 +15,7 @@ from typing import Callable
 
 import onnx
 
-from .graph import topological_sort
+from .graph import all_nodes, outer_names, topological_sort
 from .mirror import Mirror
 from .qdq import (
     gathers_rows,
@@ -31,7 +31,10 @@ from .state import QuantState
 
 
 def _consumers_of(graph: onnx.GraphProto, name: str):
-    return [(node, i) for node in graph.node for i, t in enumerate(node.input) if t == name]
+    """(node, input index) of every reader, inside subgraphs too: the mirror's quantizer
+    hook changes the tensor for all its readers, so the file must rewire them all (ONNX
+    names are unique across scopes, so a subgraph never shadows the name)."""
+    return [(node, i) for node in all_nodes(graph) for i, t in enumerate(node.input) if t == name]
 
 
 def _weight_only_gemm(readers, point, quantizers) -> bool:
@@ -85,7 +88,7 @@ def export_qdq(model: onnx.ModelProto, mirror: Mirror, state: QuantState,
             new_name = insert_bias(graph, bias, mirror.initializer(bias), bias_hook)
             for node, index in readers:
                 node.input[index] = new_name
-    used = {t for n in graph.node for t in n.input} | {o.name for o in graph.output}
+    used = {t for n in graph.node for t in [*n.input, *outer_names(n)]} | {o.name for o in graph.output}
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Iterator
 
 import onnx
 
@@ -32,8 +33,7 @@ def topological_sort(graph: onnx.GraphProto) -> None:
     """Reorder graph.node in place so that every node follows the producers of its inputs.
 
     Some exporters write nodes out of order; onnx.checker and the mirror both need order.
-    Subgraph (If/Loop) references to outer tensors are not considered: such models are
-    refused by the mirror anyway.
+    A control-flow node also follows the producers of what its subgraphs read (outer_names).
     """
     available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
     pending = list(graph.node)
@@ -41,7 +41,7 @@ def topological_sort(graph: onnx.GraphProto) -> None:
     while pending:
         remaining = []
         for node in pending:
-            if all(name in available for name in node.input):
+            if all(name in available for name in [*node.input, *outer_names(node)]):
                 ordered.append(node)
                 available.update(node.output)
             else:
@@ -56,3 +56,33 @@ def topological_sort(graph: onnx.GraphProto) -> None:
             copy.CopyFrom(node)
         del graph.node[:]
         graph.node.extend(copies)
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs a control-flow node holds (If branches, Loop / Scan bodies)."""
+    found = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            found.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            found.extend(attr.graphs)
+    return found
+
+
+def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of the graph and, depth first, of the graphs inside its nodes."""
+    for node in graph.node:
+        yield node
+        for sub in subgraphs(node):
+            yield from all_nodes(sub)
+
+
+def outer_names(node: onnx.NodeProto) -> list[str]:
+    """Tensors a control-flow node's subgraphs read from the scopes around the node (ONNX
+    lets a subgraph use any tensor visible where its node stands, without declaring it)."""
+    def reads(graph: onnx.GraphProto) -> list[str]:
+        defined = {v.name for v in graph.input} | {t.name for t in graph.initializer} \
+            | {o for n in graph.node for o in n.output}
+        found = [name for n in graph.node for name in [*n.input, *(x for g in subgraphs(n) for x in reads(g))]]
+        return [name for name in found if name and name not in defined]
+    return list(dict.fromkeys(name for graph in subgraphs(node) for name in reads(graph)))

@@ -22,6 +22,7 @@ from torch import nn
 
 from . import weights
 from .errors import QLimitError, UnsupportedModelError
+from .graph import all_nodes, outer_names
 from .ops import Node, get_converter
 from .ops.registry import as_tensor
 
@@ -31,9 +32,9 @@ def model_opsets(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def unsupported_op_counts(model: onnx.ModelProto) -> Counter:
-    """Op types of the main graph that have no converter, with their node counts."""
+    """Op types that have no converter, with their node counts (subgraphs included)."""
     counts: Counter = Counter()
-    for proto in model.graph.node:
+    for proto in all_nodes(model.graph):
         if get_converter(proto.op_type, proto.domain) is None:
             counts[f"{proto.domain}.{proto.op_type}" if proto.domain not in ("", "ai.onnx") else proto.op_type] += 1
     return counts
@@ -77,13 +78,24 @@ class Mirror(nn.Module):
 
         self.nodes: list[Node] = []
         self._fns = []
+        # Control flow: each subgraph is a mirror of its own, handed to the node's converter in
+        # place of its graph attribute; what it reads from this scope is passed in at run time.
+        self.subgraphs = nn.ModuleDict()
+        self._outer: dict[int, list[str]] = {}
         problems: list[str] = []
         missing = unsupported_op_counts(model)
         for index, proto in enumerate(graph.node):
             node = Node.from_proto(proto, self.opsets, index)
             converter = get_converter(node.op_type, node.domain)
-            if converter is None:
+            if converter is None or missing:
                 continue
+            for attr in proto.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    sub = Mirror(onnx.helper.make_model(attr.g, opset_imports=model.opset_import))
+                    self.subgraphs[_safe_key(f"{node.name}.{attr.name}", set(self.subgraphs.keys()))] = sub
+                    node.attrs[attr.name] = sub
+            if outer := outer_names(proto):
+                self._outer[len(self.nodes)] = outer
             try:
                 self._fns.append(converter(node))
             except QLimitError as err:
@@ -95,7 +107,7 @@ class Mirror(nn.Module):
         # Where each tensor is last read, so intermediate results are freed as soon as possible.
         self._last_use: dict[str, int] = {}
         for index, node in enumerate(self.nodes):
-            for name in node.inputs:
+            for name in self.reads(index):
                 self._last_use[name] = index
         self._hook_keys: dict[str, str] = {}
         self.hooks = nn.ModuleDict()
@@ -169,8 +181,21 @@ class Mirror(nn.Module):
             self._put(env, name, value.to(device))
         return env
 
-    def call(self, index: int, args: list) -> Any:
-        """Node `index`'s torch function on `args` (one per node input; None for an empty one)."""
+    def reads(self, index: int) -> list[str]:
+        """Node `index`'s inputs and the tensors its subgraphs read from this scope."""
+        return [*self.nodes[index].inputs, *self._outer.get(index, ())]
+
+    def run_subgraph(self, scope: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """This mirror as a subgraph: its outputs, given the tensors it reads from outside."""
+        env = self.execute(dict(scope))
+        return [self.value(env, name) for name in self.output_names]
+
+    def call(self, index: int, args: list, env: dict[str, torch.Tensor]) -> Any:
+        """Node `index`'s torch function on `args` (one per node input; None for an empty one);
+        a control-flow node also gets the tensors its subgraphs read, from `env`."""
+        outer = self._outer.get(index)
+        if outer:
+            return self._fns[index](*args, scope={name: self.value(env, name) for name in outer})
         return self._fns[index](*args)
 
     def execute(self, env: dict[str, torch.Tensor], node_range: Iterable[int] | None = None,
@@ -185,7 +210,7 @@ class Mirror(nn.Module):
             node = self.nodes[index]
             args = [self.value(env, name) if name else None for name in node.inputs]
             try:
-                result = self._fns[index](*args)
+                result = self.call(index, args, env)
             except (RuntimeError, ValueError, IndexError, KeyError) as err:
                 raise RuntimeError(f"{node.op_type} node '{node.name}' failed: {err}") from err
             results = result if isinstance(result, (tuple, list)) else (result,)
@@ -194,7 +219,7 @@ class Mirror(nn.Module):
             for name, value in zip(node.outputs, results):
                 if name:
                     self._put(env, name, value)
-            for name in node.inputs:
+            for name in self.reads(index):
                 if self._last_use.get(name) == index and name not in keep:
                     env.pop(name, None)
         return env

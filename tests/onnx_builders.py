@@ -50,3 +50,58 @@ def if_model() -> onnx.ModelProto:
              helper.make_node("If", ["c"], ["y"], then_branch=branch("then", "Relu"), else_branch=branch("else", "Neg")),
              helper.make_node("Sigmoid", ["y"], ["z"])]
     return make(nodes, [tensor("x", [2, 3])], [tensor("z", [2, 3])], [("zero", np.array(0, np.float32))])
+
+
+def loop_model() -> onnx.ModelProto:
+    """A Loop adding 1 to a tensor three times: control flow the mirror does not run yet."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "one"], ["v_out"])],
+        "body", [tensor("i", [], TensorProto.INT64), tensor("cond_in", [], TensorProto.BOOL), tensor("v_in", [2, 3])],
+        [tensor("cond_out", [], TensorProto.BOOL), tensor("v_out", [2, 3])])
+    nodes = [helper.make_node("Loop", ["trips", "yes", "x"], ["y"], body=body), helper.make_node("Relu", ["y"], ["z"])]
+    return make(nodes, [tensor("x", [2, 3])], [tensor("z", [2, 3])],
+                [("trips", np.array(3, np.int64)), ("yes", np.array(True)), ("one", np.array(1, np.float32))])
+
+
+def vad_model(sr_input: bool = True) -> onnx.ModelProto:
+    """A streaming-VAD-shaped graph: x [batch, 4, 40] and an int64 scalar `sr`; a Conv
+    front-end; an If on sr == 16000 whose then-branch holds a nested If (on the front-end's
+    sign) and an LSTM over the conv features; the branches read outer tensors (conv output,
+    initializers) without declaring them; a Gemm head after the If. sr_input=False: the
+    outer condition is computed from x instead (its largest value above 3)."""
+    rng = np.random.default_rng(4)
+    hidden = 6
+
+    def init(name, *shape):
+        return (name, rng.normal(0, 0.4, shape).astype(np.float32))
+
+    inner = helper.make_graph(  # nested If: read 'seq' from two scopes out
+        [helper.make_node("Relu", ["seq"], ["pos"])], "inner_then", [], [tensor("pos", [None] * 3)])
+    inner_else = helper.make_graph([helper.make_node("Neg", ["seq"], ["neg"])], "inner_else", [], [tensor("neg", [None] * 3)])
+    then = helper.make_graph(
+        [helper.make_node("ReduceMean", ["seq"], ["m"], keepdims=0),
+         helper.make_node("Greater", ["m", "zero"], ["c"]),
+         helper.make_node("If", ["c"], ["chosen"], then_branch=inner, else_branch=inner_else),
+         helper.make_node("LSTM", ["chosen", "W", "R", "B"], ["", "h_then"], hidden_size=hidden)],
+        "sr16k", [], [tensor("h_then", [None] * 3)])
+    other = helper.make_graph(
+        [helper.make_node("ReduceMean", ["seq"], ["h_else0"], axes=[0], keepdims=1),
+         helper.make_node("MatMul", ["h_else0", "proj"], ["h_else"])], "sr8k", [], [tensor("h_else", [None] * 3)])
+    nodes = [helper.make_node("Conv", ["x", "cw", "cb"], ["conv"], strides=[2]),
+             helper.make_node("Relu", ["conv"], ["act"]),
+             helper.make_node("Transpose", ["act"], ["seq"], perm=[2, 0, 1]),
+             helper.make_node("Equal", ["sr", "sr16k"], ["is16k"]) if sr_input else
+             helper.make_node("Greater", ["xmax", "three"], ["is16k"]),
+             helper.make_node("If", ["is16k"], ["h"], then_branch=then, else_branch=other),
+             helper.make_node("Squeeze", ["h", "axes0"], ["last"]),
+             helper.make_node("Gemm", ["last", "fw", "fb"], ["y"], transB=1)]
+    inits = [init("cw", 8, 4, 3), init("cb", 8), init("W", 1, 4 * hidden, 8), init("R", 1, 4 * hidden, hidden),
+             init("B", 1, 8 * hidden), init("proj", 8, hidden), init("fw", 3, hidden), init("fb", 3),
+             ("axes0", np.array([0], np.int64)), ("zero", np.array(0, np.float32)),
+             ("sr16k", np.array(16000, np.int64)), ("three", np.array(3, np.float32))]
+    inputs = [tensor("x", ["b", 4, 40])]
+    if sr_input:
+        inputs.append(tensor("sr", [], onnx.TensorProto.INT64))
+    else:
+        nodes.insert(0, helper.make_node("ReduceMax", ["x"], ["xmax"], keepdims=0))
+    return make(nodes, inputs, [tensor("y", ["b", 3])], inits)

@@ -10,7 +10,7 @@ import pytest
 from onnx import helper
 
 from onnxqlimit.cli import main
-from tests.onnx_builders import det_model, if_model, make, rand, tensor
+from tests.onnx_builders import det_model, loop_model, make, rand, tensor
 
 
 @pytest.fixture()
@@ -50,7 +50,7 @@ def test_inspect_check_random_and_npz(capsys, small_model, tmp_path):
     assert "on 4 sample(s)" in out
 
 
-@pytest.mark.parametrize("builder,op", [(det_model, "Det"), (if_model, "If")])
+@pytest.mark.parametrize("builder,op", [(det_model, "Det"), (loop_model, "Loop")])
 def test_unsupported_ops_refused_in_one_line(capsys, tmp_path, builder, op):
     path = tmp_path / f"{op}.onnx"
     onnx.save(builder(), str(path))

@@ -180,6 +180,7 @@ def test_target_metric_holds_on_the_exported_file(tmp_path, work_dir):
     assert report.costs["avg_wbits"] < 8  # not simply everything at 8 bits
 
 
+@pytest.mark.slow  # (fast tier: reconstruction parity is covered by the per-width probe test and test_quantize)
 def test_mixed_plan_with_reconstruction_passes_parity(tmp_path, work_dir):
     """A mixed plan survives reconstruction: the tuned file holds the plan's widths (file_costs
     checks the integers' ranges) and its costs are the file's; quantize() refuses to write a

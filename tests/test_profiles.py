@@ -249,6 +249,7 @@ def test_ort_cpu_weight_only_keeps_convolutions_at_w8a8(tmp_path):
     assert check.integer == check.compute, check.kernels
 
 
+@pytest.mark.slow
 def test_learned_scales_keep_relu6_folded_so_every_conv_stays_fused(tmp_path):
     """onnxruntime folds Clip(0, 6) -> QuantizeLinear into the Q (and so fuses the conv
     before it) only while the Q's range stays within [0, 6]: QDrop's learned scales are held

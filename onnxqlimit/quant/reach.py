@@ -44,9 +44,9 @@ def last_layers(mirror: Mirror, batch: Mapping[str, np.ndarray], seed: int = 0) 
                         weight = torch.randn(a.shape, generator=generator).to(a.device, a.dtype)
                         probes.append((a * weight).sum())
                 with torch.no_grad():
-                    result = mirror.call(index, args)
+                    result = mirror.call(index, args, env)
             else:
-                result = mirror.call(index, args)
+                result = mirror.call(index, args, env)
             results = list(result) if isinstance(result, (tuple, list)) else [result]
             if compute and isinstance(results[0], torch.Tensor) and results[0].is_floating_point():
                 results[0] = results[0].detach().requires_grad_(True)

@@ -1,0 +1,61 @@
+"""Control flow in the mirror (If, nested, reading outer tensors) and quantization around it."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper
+
+from onnxqlimit.errors import QLimitError
+from onnxqlimit.mirror import Mirror
+from onnxqlimit.parity import ort_session
+from tests.onnx_builders import make, tensor, vad_model
+
+
+@pytest.mark.parametrize("sr", [16000, 8000])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_nested_if_with_an_lstm_in_a_branch_matches_onnxruntime(sr, sign):
+    """Each of the three branches is taken on some input (the outer If on the scalar sr, the
+    inner one on the sign of the features), and every branch reads tensors of the scopes
+    around it that it never declares."""
+    model = vad_model()
+    x = np.random.default_rng(0).normal(size=(3, 4, 40)).astype(np.float32) * sign
+    feeds = {"x": x, "sr": np.array(sr, np.int64)}
+    want = ort_session(model.SerializeToString()).run(None, feeds)[0]
+    with torch.no_grad():
+        got = Mirror(model).run({k: torch.from_numpy(v) for k, v in feeds.items()})["y"].numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["rtn", pytest.param("qdrop", marks=pytest.mark.slow)])
+def test_a_model_with_nested_if_quantizes_around_it_and_passes_parity(tmp_path, method):
+    from onnxqlimit import QuantConfig, ReconConfig, RunOptions, quantize
+
+    source = tmp_path / "vad.onnx"
+    onnx.save(vad_model(sr_input=False), str(source))
+    calib = {"x": np.random.default_rng(1).normal(size=(32, 4, 40)).astype(np.float32)}
+    result = quantize(str(source), tmp_path / "q.onnx", calib, QuantConfig.of(wbits=8, abits=8),
+                      RunOptions(recon=ReconConfig(method=method, calib_size=32, batch_size=8, iters=20),
+                                 progress=False))
+    assert all(p["within_one_step"] > 0.99 for p in result.report.parity)
+    model = onnx.load(str(result.output_path))
+    onnx.checker.check_model(model)
+    node = next(n for n in model.graph.node if n.op_type == "If")
+    assert {a.name for a in node.attribute} == {"then_branch", "else_branch"}
+    assert any(n.op_type == "DequantizeLinear" and n.input[0] == "cw_quantized" for n in model.graph.node)
+    session = ort_session(result.output_path.read_bytes())
+    for scale in (1.0, 0.3):  # both outer branches (the condition is the input's largest value above 3)
+        assert session.run(None, {"x": calib["x"][:2] * scale})[0].shape == (2, 3)
+
+
+def test_an_unsupported_op_inside_a_branch_is_refused_in_one_line():
+    branch = helper.make_graph([helper.make_node("Det", ["x"], ["d"])], "then", [], [tensor("d", [2])])
+    other = helper.make_graph([helper.make_node("ReduceMean", ["x"], ["s"], axes=[1, 2], keepdims=0)], "else", [],
+                              [tensor("s", [2])])
+    model = make([helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0),
+                  helper.make_node("Greater", ["m", "zero"], ["c"]),
+                  helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other)],
+                 [tensor("x", [2, 3, 3])], [tensor("y", [2])], [("zero", np.array(0, np.float32))], opset=13)
+    with pytest.raises(QLimitError, match=r"unsupported ops: Det \(1 node\)"):
+        Mirror(model)
