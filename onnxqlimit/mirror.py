@@ -22,7 +22,7 @@ from torch import nn
 
 from . import weights
 from .errors import QLimitError, UnsupportedModelError
-from .graph import all_nodes, outer_names
+from .graph import all_nodes, outer_names, subgraphs
 from .ops import Node, get_converter
 from .ops.registry import as_tensor
 
@@ -87,8 +87,8 @@ class Mirror(nn.Module):
         for index, proto in enumerate(graph.node):
             node = Node.from_proto(proto, self.opsets, index)
             converter = get_converter(node.op_type, node.domain)
-            if converter is None or missing:
-                continue
+            if converter is None or (missing and subgraphs(proto)):
+                continue  # (an unsupported op inside a subgraph is named by `missing`)
             for attr in proto.attribute:
                 if attr.type == onnx.AttributeProto.GRAPH:
                     sub = Mirror(onnx.helper.make_model(attr.g, opset_imports=model.opset_import))
