@@ -53,12 +53,35 @@ def load_npz(path: str | os.PathLike, input_names: list[str], extra_ok: tuple[st
         raise QLimitError(f"{path}: array(s) {', '.join(extra)} match no model input (inputs: {', '.join(input_names)}; "
                           f"{'/'.join(extra_ok)} may sit beside them)")
     feeds = {n: arrays[n] for n in input_names}
-    counts = {len(a) if a.ndim else 0 for a in feeds.values()}
-    if counts == {0}:
+    counts = {len(a) for a in feeds.values() if a.ndim}  # (a 0-d array: a scalar input's value for every sample)
+    if not counts or counts == {0}:
         raise QLimitError(f"{path}: holds no samples (the first axis of every array counts samples)")
-    if len(counts) != 1 or 0 in counts:
+    if len(counts) != 1:
         raise QLimitError(f"{path}: inputs must share one leading sample dimension (got {sorted(counts)})")
     return feeds
+
+
+def _first(array: np.ndarray, limit: int) -> np.ndarray:
+    return array[:limit] if array.ndim else array
+
+
+def model_feeds(batch: Mapping, scalars) -> dict:
+    """A batch as the model takes it: each scalar input's per-sample values (see conform),
+    which the samples of one batch must share, become the one 0-d value it declares."""
+    out = dict(batch)
+    for name in scalars:
+        value = out.get(name)
+        if value is not None and value.ndim == 1:
+            if len(value) and bool((value != value[0]).any()):
+                raise QLimitError(f"input '{name}' is a scalar, so the samples of a batch must share its value "
+                                  f"(got {len(set(value.tolist()))} values; calibrate one value at a time)")
+            out[name] = value[:1].reshape(())  # (an array, not a numpy scalar: onnxruntime takes arrays)
+    return out
+
+
+def scalar_inputs(model: onnx.ModelProto) -> list[str]:
+    """The model inputs declared with rank 0 (e.g. a sample rate)."""
+    return [v.name for v in graph_inputs(model) if v.type.tensor_type.HasField("shape") and not input_shape(v)]
 
 
 def random_feeds(model: onnx.ModelProto, shapes: Mapping[str, list[int]] | None = None,
@@ -188,24 +211,32 @@ def _calibration_feeds(source, input_names: list[str], limit: int, preprocess: s
         missing = [n for n in input_names if n not in source]
         if missing:
             raise QLimitError(f"calibration data has no array for input(s) {', '.join(missing)}")
-        return {n: np.asarray(source[n])[:limit] for n in input_names}
+        return {n: _first(np.asarray(source[n]), limit) for n in input_names}
     path = Path(source)
     if path.is_dir():
         return from_image_folder(path, preprocess, input_names, limit)
-    return {k: v[:limit] for k, v in load_npz(path, input_names).items()}
+    return {k: _first(v, limit) for k, v in load_npz(path, input_names).items()}
 
 
 def conform(feeds: dict[str, np.ndarray], model: onnx.ModelProto, what: str = "calibration") -> dict[str, np.ndarray]:
     """The arrays checked against the model's inputs before anything runs: rank, element
     kind and every fixed dimension past the sample axis. Same-kind dtypes are cast
     (float64 -> float32, int32 -> int64); a float input fed integers (raw uint8 images) or
-    the reverse is refused, since a silent cast would calibrate on the wrong scale."""
+    the reverse is refused, since a silent cast would calibrate on the wrong scale.
+
+    A scalar input (rank 0, e.g. a sample rate) takes one 0-d value for every sample or one
+    value per sample (N,); it is held per sample from here on (model_feeds turns a batch's
+    values back into the 0-d value the model takes)."""
     out = {}
+    scalars = set(scalar_inputs(model))
     for value in graph_inputs(model):
         name, array = value.name, np.asarray(feeds[value.name])
         shape = input_shape(value) if value.type.tensor_type.HasField("shape") else None
         where = f"{what} input '{name}'"
-        if shape is not None and array.ndim != len(shape):
+        if name in scalars and array.ndim > 1:
+            raise QLimitError(f"{where}: the model takes a scalar; give one 0-d value for every sample or one value "
+                              f"per sample, shape (N,) (got {tuple(array.shape)})")
+        if shape is not None and array.ndim != len(shape) and name not in scalars:
             raise QLimitError(f"{where}: arrays of rank {array.ndim} {tuple(array.shape)}, the model takes rank "
                               f"{len(shape)} {_dims(shape)} (samples on the first axis)")
         wrong = [(i, d) for i, d in list(enumerate(shape or []))[1:] if isinstance(d, int) and d > 0 and array.shape[i] != d]
@@ -226,6 +257,10 @@ def conform(feeds: dict[str, np.ndarray], model: onnx.ModelProto, what: str = "c
                                   "images need the model's own scaling, e.g. /255 and mean/std)")
             array = array.astype(want)
         out[name] = array
+    samples = {len(a) for n, a in out.items() if a.ndim and n not in scalars} or {len(a) for a in out.values() if a.ndim}
+    for name in scalars:
+        if out[name].ndim == 0:
+            out[name] = np.full(next(iter(samples), 1), out[name], out[name].dtype)
     return out
 
 

@@ -19,6 +19,7 @@ import torch
 from .data import batches, fixed_batch_size
 from .errors import QLimitError
 from .mirror import Mirror
+from .runtime import Session
 from .weights import on_disk
 
 # Relative to the largest reference magnitude of each output: float32 summation order
@@ -73,7 +74,7 @@ def ort_session(model: onnx.ModelProto | str | bytes, optimize: bool = False) ->
     if isinstance(model, onnx.ModelProto) and on_disk(model):
         raise ValueError("a model whose weights are on disk runs from its file: pass the path")
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return Session(source, options, providers=["CPUExecutionProvider"])
 
 
 def check_mirror(reference: onnx.ModelProto | str, mirror: Mirror, feeds: Mapping[str, np.ndarray],

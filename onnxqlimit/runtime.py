@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .data import model_feeds
+
 # Compute kernels of onnxruntime's CPU provider, in the optimized graph (any domain).
 INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "MatMulNBits", "ConvInteger",
                    "MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "QLinearConvTranspose")
@@ -45,6 +47,15 @@ class RuntimeCheck:
         return self.ms / self.float_ms if self.ms and self.float_ms else None
 
 
+
+class Session(ort.InferenceSession):
+    """An onnxruntime session fed batches as onnxqlimit holds them: a scalar input's
+    per-sample values become the 0-d value the model declares (data.model_feeds)."""
+
+    def run(self, output_names, input_feed, run_options=None):
+        scalars = [i.name for i in self.get_inputs() if i.shape == []]
+        return super().run(output_names, model_feeds(input_feed, scalars) if scalars else input_feed, run_options)
+
 def cpu_session(model: onnx.ModelProto | str | Path | bytes, threads: int = 0,
                 optimized_path: str | None = None) -> ort.InferenceSession:
     """`model` as a user's onnxruntime CPU session runs it: default (all) graph optimizations,
@@ -59,7 +70,7 @@ def cpu_session(model: onnx.ModelProto | str | Path | bytes, threads: int = 0,
         options.optimized_model_filepath = optimized_path
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else \
         model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return Session(source, options, providers=["CPUExecutionProvider"])
 
 
 def compute_kernels(path: str | Path | bytes, threads: int = 0) -> tuple[Counter, list[str]]:

@@ -59,3 +59,30 @@ def test_an_unsupported_op_inside_a_branch_is_refused_in_one_line():
                  [tensor("x", [2, 3, 3])], [tensor("y", [2])], [("zero", np.array(0, np.float32))], opset=13)
     with pytest.raises(QLimitError, match=r"unsupported ops: Det \(1 node\)"):
         Mirror(model)
+
+
+def test_a_scalar_input_calibrates_from_one_value_or_one_per_sample(tmp_path):
+    """sr, an int64 scalar: a 0-d value serves every sample, (N,) gives one per sample (a
+    batch shares one); mixed values in a batch and a wrong rank are refused in one line."""
+    from onnxqlimit import QuantConfig, ReconConfig, RunOptions, quantize
+    from onnxqlimit.data import load_npz
+
+    source = tmp_path / "vad.onnx"
+    onnx.save(vad_model(), str(source))
+    x = np.random.default_rng(1).normal(size=(16, 4, 40)).astype(np.float32)
+    options = RunOptions(recon=ReconConfig(method="rtn", calib_size=16), progress=False, overwrite=True)
+    outputs = {}
+    for sr in (np.array(16000, np.int64), np.full(16, 8000, np.int64)):
+        result = quantize(str(source), tmp_path / "q.onnx", {"x": x, "sr": sr}, QuantConfig.of(wbits=8, abits=8), options)
+        assert all(p["within_one_step"] > 0.99 for p in result.report.parity)
+        session = ort_session(result.output_path.read_bytes())
+        outputs[int(sr.reshape(-1)[0])] = session.run(None, {"x": x[:2], "sr": np.array(int(sr.reshape(-1)[0]))})[0]
+    assert not np.allclose(outputs[16000], outputs[8000])  # the two calibrations took different branches
+    for bad, message in ((np.array([16000, 8000] * 8, np.int64), "samples of a batch must share its value"),
+                         (np.full((16, 1), 16000, np.int64), "give one 0-d value for every sample")):
+        with pytest.raises(QLimitError, match=message):
+            quantize(str(source), tmp_path / "bad.onnx", {"x": x, "sr": bad}, QuantConfig.of(wbits=8, abits=8), options)
+        assert not (tmp_path / "bad.onnx").exists()
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=x, sr=np.array(16000, np.int64))
+    assert load_npz(path, ["x", "sr"])["sr"].shape == ()
