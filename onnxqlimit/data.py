@@ -65,18 +65,47 @@ def _first(array: np.ndarray, limit: int) -> np.ndarray:
     return array[:limit] if array.ndim else array
 
 
-def model_feeds(batch: Mapping, scalars) -> dict:
-    """A batch as the model takes it: each scalar input's per-sample values (see conform),
-    which the samples of one batch must share, become the one 0-d value it declares."""
+def model_feeds(batch: Mapping, declared: Mapping[str, list]) -> dict:
+    """A batch as the model takes it, from the arrays onnxqlimit holds (samples first; see
+    conform); `declared`: input name -> the model's shape (ints, names or None per dim).
+
+    - A scalar input's per-sample values, which one batch must share, become the 0-d value.
+    - An input given with samples stacked on a new first axis (a state [2, batch, 128] as
+      N x 2 x 1 x 128) is joined along its batch axis, the first axis the model leaves free."""
     out = dict(batch)
-    for name in scalars:
+    for name, shape in declared.items():
         value = out.get(name)
-        if value is not None and value.ndim == 1:
+        if value is None or shape is None or value.ndim != len(shape) + 1:
+            continue
+        if not shape:  # a scalar
             if len(value) and bool((value != value[0]).any()):
                 raise QLimitError(f"input '{name}' is a scalar, so the samples of a batch must share its value "
                                   f"(got {len(set(value.tolist()))} values; calibrate one value at a time)")
             out[name] = value[:1].reshape(())  # (an array, not a numpy scalar: onnxruntime takes arrays)
+            continue
+        axis = batch_axis(shape)
+        if axis == 0:
+            continue  # (conform refuses an extra axis on an input batched along its first)
+        if axis is None:  # every dim fixed: one sample at a time
+            if len(value) != 1:
+                raise QLimitError(f"input '{name}' fixes every dimension {_dims(shape)}: its samples run one at "
+                                  "a time (batch size 1)")
+            out[name] = value[0]
+            continue
+        moved = value.movedim(0, axis) if hasattr(value, "movedim") else np.moveaxis(value, 0, axis)
+        sizes = list(moved.shape)
+        out[name] = moved.reshape(sizes[:axis] + [sizes[axis] * sizes[axis + 1]] + sizes[axis + 2:])
     return out
+
+
+def batch_axis(shape: list) -> int | None:
+    """The axis a batch runs along: the first dimension the model leaves free (None: all fixed)."""
+    return next((i for i, d in enumerate(shape) if not isinstance(d, int) or d <= 0), None)
+
+
+def declared_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """Input name -> the model's declared shape (None where it declares none)."""
+    return {v.name: input_shape(v) if v.type.tensor_type.HasField("shape") else None for v in graph_inputs(model)}
 
 
 def scalar_inputs(model: onnx.ModelProto) -> list[str]:
@@ -225,8 +254,9 @@ def conform(feeds: dict[str, np.ndarray], model: onnx.ModelProto, what: str = "c
     the reverse is refused, since a silent cast would calibrate on the wrong scale.
 
     A scalar input (rank 0, e.g. a sample rate) takes one 0-d value for every sample or one
-    value per sample (N,); it is held per sample from here on (model_feeds turns a batch's
-    values back into the 0-d value the model takes)."""
+    value per sample (N,). An input batched along a later axis (a state [2, batch, 128])
+    takes its samples stacked on a new first axis (N x 2 x 1 x 128). Both are held with
+    samples first from here on; model_feeds gives the model what it declares."""
     out = {}
     scalars = set(scalar_inputs(model))
     for value in graph_inputs(model):
@@ -236,10 +266,13 @@ def conform(feeds: dict[str, np.ndarray], model: onnx.ModelProto, what: str = "c
         if name in scalars and array.ndim > 1:
             raise QLimitError(f"{where}: the model takes a scalar; give one 0-d value for every sample or one value "
                               f"per sample, shape (N,) (got {tuple(array.shape)})")
-        if shape is not None and array.ndim != len(shape) and name not in scalars:
+        # Samples stacked on a new first axis: for inputs batched along a later axis (see model_feeds)
+        stacked = bool(shape) and array.ndim == len(shape) + 1 and batch_axis(shape) != 0
+        if shape is not None and array.ndim != len(shape) and name not in scalars and not stacked:
             raise QLimitError(f"{where}: arrays of rank {array.ndim} {tuple(array.shape)}, the model takes rank "
                               f"{len(shape)} {_dims(shape)} (samples on the first axis)")
-        wrong = [(i, d) for i, d in list(enumerate(shape or []))[1:] if isinstance(d, int) and d > 0 and array.shape[i] != d]
+        fixed = list(enumerate(shape or [], start=1)) if stacked else list(enumerate(shape or []))[1:]
+        wrong = [(i, d) for i, d in fixed if isinstance(d, int) and d > 0 and array.shape[i] != d]
         if wrong:
             i, d = wrong[0]
             hint = ""

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import weights
-from .data import model_feeds, scalar_inputs
+from .data import declared_shapes, model_feeds
 from .errors import QLimitError, UnsupportedModelError
 from .graph import all_nodes, outer_names, subgraphs
 from .ops import Node, get_converter
@@ -75,7 +75,7 @@ class Mirror(nn.Module):
                 self.register_buffer(key, value)
         initialized = set(self._keys)
         self.input_names = [i.name for i in graph.input if i.name not in initialized]
-        self._scalar_inputs = [n for n in scalar_inputs(model) if n not in initialized]
+        self._declared = {n: s for n, s in declared_shapes(model).items() if n not in initialized}
         self.output_names = [o.name for o in graph.output]
 
         self.nodes: list[Node] = []
@@ -169,12 +169,16 @@ class Mirror(nn.Module):
             raise KeyError(name)
         return found
 
+    def as_declared(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """A batch held samples-first, as the model's inputs declare it (data.model_feeds)."""
+        return model_feeds(feeds, self._declared)
+
     def initial_env(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Graph inputs, hooks applied: the state before the first node (initializers are
         fetched as nodes read them, see value())."""
         env: dict[str, torch.Tensor] = {}
         device = self.device
-        feeds = model_feeds(feeds, self._scalar_inputs) if self._scalar_inputs else feeds
+        feeds = self.as_declared(feeds)
         for name in self.input_names:
             if name not in feeds:
                 raise QLimitError(f"missing model input '{name}' (expected: {', '.join(self.input_names)})")

@@ -49,12 +49,12 @@ class RuntimeCheck:
 
 
 class Session(ort.InferenceSession):
-    """An onnxruntime session fed batches as onnxqlimit holds them: a scalar input's
-    per-sample values become the 0-d value the model declares (data.model_feeds)."""
+    """An onnxruntime session fed batches as onnxqlimit holds them (samples first): scalar
+    and stacked state inputs become what the model declares (data.model_feeds)."""
 
     def run(self, output_names, input_feed, run_options=None):
-        scalars = [i.name for i in self.get_inputs() if i.shape == []]
-        return super().run(output_names, model_feeds(input_feed, scalars) if scalars else input_feed, run_options)
+        return super().run(output_names, model_feeds(input_feed, {i.name: i.shape for i in self.get_inputs()}),
+                           run_options)
 
 def cpu_session(model: onnx.ModelProto | str | Path | bytes, threads: int = 0,
                 optimized_path: str | None = None) -> ort.InferenceSession:

@@ -105,3 +105,27 @@ def vad_model(sr_input: bool = True) -> onnx.ModelProto:
     else:
         nodes.insert(0, helper.make_node("ReduceMax", ["x"], ["xmax"], keepdims=0))
     return make(nodes, inputs, [tensor("y", ["b", 3])], inits)
+
+
+def stateful_model() -> onnx.ModelProto:
+    """A streaming step: x [batch, 4, 40] and state [2, batch, 6] (the LSTM's h and c) in;
+    y [batch, 3] and the next state [2, batch, 6] out."""
+    rng = np.random.default_rng(5)
+    hidden = 6
+
+    def init(name, *shape):
+        return (name, rng.normal(0, 0.4, shape).astype(np.float32))
+
+    nodes = [helper.make_node("Conv", ["x", "cw", "cb"], ["conv"], strides=[2]),
+             helper.make_node("Relu", ["conv"], ["act"]),
+             helper.make_node("Transpose", ["act"], ["seq"], perm=[2, 0, 1]),
+             helper.make_node("Split", ["state", "halves"], ["h0", "c0"], axis=0),
+             helper.make_node("LSTM", ["seq", "W", "R", "B", "", "h0", "c0"], ["", "h", "c"], hidden_size=hidden),
+             helper.make_node("Concat", ["h", "c"], ["state_out"], axis=0),
+             helper.make_node("Squeeze", ["h", "axes0"], ["last"]),
+             helper.make_node("Gemm", ["last", "fw", "fb"], ["y"], transB=1)]
+    inits = [init("cw", 8, 4, 3), init("cb", 8), init("W", 1, 4 * hidden, 8), init("R", 1, 4 * hidden, hidden),
+             init("B", 1, 8 * hidden), init("fw", 3, hidden), init("fb", 3), ("halves", np.array([1, 1], np.int64)),
+             ("axes0", np.array([0], np.int64))]
+    return make(nodes, [tensor("x", ["b", 4, 40]), tensor("state", [2, "b", hidden])],
+                [tensor("y", ["b", 3]), tensor("state_out", [2, "b", hidden])], inits)

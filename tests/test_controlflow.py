@@ -86,3 +86,26 @@ def test_a_scalar_input_calibrates_from_one_value_or_one_per_sample(tmp_path):
     path = tmp_path / "calib.npz"
     np.savez(path, x=x, sr=np.array(16000, np.int64))
     assert load_npz(path, ["x", "sr"])["sr"].shape == ()
+
+
+@pytest.mark.parametrize("method", ["rtn", pytest.param("qdrop", marks=pytest.mark.slow)])
+def test_a_state_input_batched_along_a_later_axis_calibrates_from_stacked_samples(tmp_path, method):
+    """state [2, batch, 6]: samples stacked on a new first axis (N x 2 x 1 x 6) are joined
+    along the batch axis where the model runs (mirror, reconstruction caches, onnxruntime)."""
+    from onnxqlimit import QuantConfig, ReconConfig, RunOptions, quantize
+    from tests.onnx_builders import stateful_model
+
+    source = tmp_path / "step.onnx"
+    onnx.save(stateful_model(), str(source))
+    rng = np.random.default_rng(1)
+    calib = {"x": rng.normal(size=(16, 4, 40)).astype(np.float32),
+             "state": rng.normal(0, 0.3, size=(16, 2, 1, 6)).astype(np.float32)}
+    result = quantize(str(source), tmp_path / "q.onnx", calib, QuantConfig.of(wbits=8, abits=8),
+                      RunOptions(recon=ReconConfig(method=method, calib_size=16, batch_size=8, iters=20),
+                                 progress=False))
+    assert {p["output"] for p in result.report.parity} == {"y", "state_out"}
+    assert all(p["within_one_step"] > 0.99 for p in result.report.parity)
+    # The file takes the state as the model declares it: one call for 3 samples
+    state = np.concatenate(list(calib["state"][:3]), axis=1)
+    y, state_out = ort_session(result.output_path.read_bytes()).run(None, {"x": calib["x"][:3], "state": state})
+    assert y.shape == (3, 3) and state_out.shape == (2, 3, 6)

@@ -62,9 +62,12 @@ def reconstruct(mirror: Mirror, model, state: QuantState, feeds: Mapping[str, np
     layouts = probe_layouts(mirror, quantizers, feeds, boundary_tensors(blocks, mirror.input_names))
     run = BlockRunner(mirror, quantizers, n, batch, layouts, config.cache_gb)
     result = ReconResult(config.method, n, batch)
-    for name in mirror.input_names:  # graph inputs: raw in both caches; their quantizers act on block entry
+    # Graph inputs, as the model takes them (a scalar or a stacked state: Mirror.as_declared), raw in
+    # both caches; their quantizers act on block entry
+    chunks = [mirror.as_declared({name: feeds[name][c] for name in mirror.input_names}) for c in run.chunks]
+    for name in mirror.input_names:
         for cache in (run.fp, run.q):
-            cache.put(name, [feeds[name][c] for c in run.chunks])
+            cache.put(name, [chunk[name] for chunk in chunks])
     if config.loss == "fisher":
         targets = [t for b in blocks for t in b.loss_outputs]
         fisher_batches = [{k: v[c].to(mirror.device) for k, v in feeds.items()} for c in slices(n, min(batch, 8))]
