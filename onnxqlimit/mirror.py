@@ -83,6 +83,8 @@ class Mirror(nn.Module):
         # Control flow: each subgraph is a mirror of its own, handed to the node's converter in
         # place of its graph attribute; what it reads from this scope is passed in at run time.
         self.subgraphs = nn.ModuleDict()
+        self.subgraph_names: dict[str, str] = {}  # subgraphs key -> "node 'name' then_branch"
+        self.runs = 0  # times run as a subgraph (untaken_subgraphs)
         self._outer: dict[int, list[str]] = {}
         problems: list[str] = []
         missing = unsupported_op_counts(model)
@@ -94,7 +96,8 @@ class Mirror(nn.Module):
             for attr in proto.attribute:
                 if attr.type == onnx.AttributeProto.GRAPH:
                     sub = Mirror(onnx.helper.make_model(attr.g, opset_imports=model.opset_import))
-                    self.subgraphs[_safe_key(f"{node.name}.{attr.name}", set(self.subgraphs.keys()))] = sub
+                    key = _safe_key(f"{node.name}.{attr.name}", set(self.subgraphs.keys()))
+                    self.subgraphs[key], self.subgraph_names[key] = sub, f"{node.op_type} '{node.name}' {attr.name}"
                     node.attrs[attr.name] = sub
             if outer := outer_names(proto):
                 self._outer[len(self.nodes)] = outer
@@ -194,8 +197,17 @@ class Mirror(nn.Module):
 
     def run_subgraph(self, scope: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """This mirror as a subgraph: its outputs, given the tensors it reads from outside."""
+        self.runs += 1
         env = self.execute(dict(scope))
         return [self.value(env, name) for name in self.output_names]
+
+    def untaken_subgraphs(self) -> list[str]:
+        """The subgraphs (nested ones too) that no run since they were built has entered."""
+        found = []
+        for key, sub in self.subgraphs.items():
+            found += [self.subgraph_names[key]] if sub.runs == 0 else \
+                [f"{self.subgraph_names[key]} > {name}" for name in sub.untaken_subgraphs()]
+        return found
 
     def call(self, index: int, args: list, env: dict[str, torch.Tensor]) -> Any:
         """Node `index`'s torch function on `args` (one per node input; None for an empty one);

@@ -189,8 +189,11 @@ def place_and_calibrate(ctx: Context) -> QuantState:
     if not points:
         raise QLimitError("nothing to quantize: the model has no Conv/ConvTranspose/Gemm/MatMul with float weights")
     quantizers = attach_quantizers(ctx.mirror, points, profile(ctx.config.runtime).fused_bits)
-    return QuantState(points, quantizers, calibrate(ctx.mirror, points, quantizers, ctx.batches(),
-                                                    ctx.config.scheme, ctx.options.progress))
+    state = QuantState(points, quantizers, calibrate(ctx.mirror, points, quantizers, ctx.batches(),
+                                                     ctx.config.scheme, ctx.options.progress))
+    for name in ctx.mirror.untaken_subgraphs():  # what follows it was calibrated on the other branch only
+        log.warning("%s was not taken on any calibration sample", name)
+    return state
 
 
 def choose_widths(ctx: Context, state: QuantState) -> SearchResult | None:

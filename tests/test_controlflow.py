@@ -109,3 +109,22 @@ def test_a_state_input_batched_along_a_later_axis_calibrates_from_stacked_sample
     state = np.concatenate(list(calib["state"][:3]), axis=1)
     y, state_out = ort_session(result.output_path.read_bytes()).run(None, {"x": calib["x"][:3], "state": state})
     assert y.shape == (3, 3) and state_out.shape == (2, 3, 6)
+
+
+def test_a_branch_no_calibration_sample_takes_is_named(tmp_path, caplog):
+    import logging
+
+    from onnxqlimit import QuantConfig, ReconConfig, RunOptions, quantize
+
+    source = tmp_path / "vad.onnx"
+    onnx.save(vad_model(), str(source))
+    calib = {"x": np.random.default_rng(1).normal(size=(8, 4, 40)).astype(np.float32), "sr": np.array(16000)}
+    with caplog.at_level(logging.WARNING, logger="onnxqlimit"):
+        quantize(str(source), tmp_path / "q.onnx", calib, QuantConfig.of(wbits=8, abits=8),
+                 RunOptions(recon=ReconConfig(method="rtn", calib_size=8), progress=False))
+    untaken = sorted(r.getMessage() for r in caplog.records if "not taken" in r.getMessage())
+    # sr 16000 takes the outer then-branch; its features are ReLU outputs, so the inner If's
+    # condition (their mean > 0) always holds
+    assert len(untaken) == 2 and "else_branch was not taken" in untaken[0]
+    assert any("then_branch > If" in m and m.endswith("else_branch was not taken on any calibration sample")
+               for m in untaken)
