@@ -52,14 +52,17 @@ def if_model() -> onnx.ModelProto:
     return make(nodes, [tensor("x", [2, 3])], [tensor("z", [2, 3])], [("zero", np.array(0, np.float32))])
 
 
-def loop_model() -> onnx.ModelProto:
-    """A Loop adding 1 to a tensor three times: control flow the mirror does not run yet."""
+def loop_model(op: str = "Add") -> onnx.ModelProto:
+    """A Loop applying `op` (v, one) to a tensor three times and scanning its values; the
+    outer tensor `one` is read by the body undeclared."""
     body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "one"], ["v_out"])],
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node(op, ["v_in", "one"], ["v_out"]),
+         helper.make_node("Identity", ["v_out"], ["scan"])],
         "body", [tensor("i", [], TensorProto.INT64), tensor("cond_in", [], TensorProto.BOOL), tensor("v_in", [2, 3])],
-        [tensor("cond_out", [], TensorProto.BOOL), tensor("v_out", [2, 3])])
-    nodes = [helper.make_node("Loop", ["trips", "yes", "x"], ["y"], body=body), helper.make_node("Relu", ["y"], ["z"])]
-    return make(nodes, [tensor("x", [2, 3])], [tensor("z", [2, 3])],
+        [tensor("cond_out", [], TensorProto.BOOL), tensor("v_out", [2, 3]), tensor("scan", [2, 3])])
+    nodes = [helper.make_node("Loop", ["trips", "yes", "x"], ["y", "steps"], body=body),
+             helper.make_node("Relu", ["y"], ["z"])]
+    return make(nodes, [tensor("x", [2, 3])], [tensor("z", [2, 3]), tensor("steps", [3, 2, 3])],
                 [("trips", np.array(3, np.int64)), ("yes", np.array(True)), ("one", np.array(1, np.float32))])
 
 

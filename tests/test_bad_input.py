@@ -147,10 +147,10 @@ def _invalid(d):
 def _unsupported(d):
     import onnx
 
-    from tests.onnx_builders import loop_model
+    from tests.onnx_builders import det_model
 
     path = d / "m.onnx"
-    onnx.save(loop_model(), str(path))
+    onnx.save(det_model(), str(path))
     return path
 
 
@@ -159,7 +159,7 @@ MODEL_CASES = [
     ("truncated", _truncated, "not a readable ONNX model"),
     ("invalid graph", _invalid, "invalid ONNX model: Nodes in a graph must be topologically sorted, however input "
                                 "'nowhere' of node: name: "),
-    ("unsupported ops", _unsupported, "model cannot be mirrored - unsupported ops: Loop (1 node)"),
+    ("unsupported ops", _unsupported, "model cannot be mirrored - unsupported ops: Det (1 node)"),
 ]
 
 

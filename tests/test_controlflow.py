@@ -10,7 +10,7 @@ from onnx import helper
 from onnxqlimit.errors import QLimitError
 from onnxqlimit.mirror import Mirror
 from onnxqlimit.parity import ort_session
-from tests.onnx_builders import make, tensor, vad_model
+from tests.onnx_builders import loop_model, make, tensor, vad_model
 
 
 @pytest.mark.parametrize("sr", [16000, 8000])
@@ -128,3 +128,13 @@ def test_a_branch_no_calibration_sample_takes_is_named(tmp_path, caplog):
     assert len(untaken) == 2 and "else_branch was not taken" in untaken[0]
     assert any("then_branch > If" in m and m.endswith("else_branch was not taken on any calibration sample")
                for m in untaken)
+
+
+def test_a_loop_with_scan_outputs_and_an_outer_read_matches_onnxruntime():
+    model = loop_model()
+    x = np.random.default_rng(0).normal(size=(2, 3)).astype(np.float32)
+    want = ort_session(model.SerializeToString()).run(None, {"x": x})
+    with torch.no_grad():
+        got = Mirror(model).run({"x": torch.from_numpy(x)})
+    for name, value in zip(("z", "steps"), want):
+        np.testing.assert_allclose(got[name].numpy(), value, rtol=1e-6)

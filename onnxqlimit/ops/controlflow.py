@@ -4,6 +4,8 @@ around its node arrive as `scope` (ONNX lets a subgraph read them without declar
 """
 from __future__ import annotations
 
+import torch
+
 from .registry import Node, register
 
 
@@ -18,4 +20,33 @@ def _if(node: Node):
         # branch each batch takes (a batch is one condition).
         taken = branches[0] if bool(cond.reshape(-1)[0]) else branches[1]
         return tuple(taken.run_subgraph(scope or {}))
+    return fn
+
+
+@register("Loop")
+def _loop(node: Node):
+    body = node.attr("body")
+    if not hasattr(body, "run_subgraph"):
+        raise node.unsupported("body graph missing")
+    carried_count = len(node.inputs) - 2
+
+    def fn(trips=None, cond=None, *initial, scope=None):
+        # Eager, as onnxruntime runs it: the trip count and the condition are read each step.
+        limit = int(trips) if trips is not None else None
+        going = bool(cond) if cond is not None else True
+        carried, scans, i = list(initial), None, 0
+        while going and (limit is None or i < limit):
+            step = torch.tensor(i, dtype=torch.int64, device=initial[0].device if initial else None)
+            outs = body.run_subgraph(scope or {}, [step, torch.tensor(going), *carried])
+            going, carried = bool(outs[0]), list(outs[1:1 + carried_count])
+            scans = [[] for _ in outs[1 + carried_count:]] if scans is None else scans
+            for collected, value in zip(scans, outs[1 + carried_count:]):
+                collected.append(value)
+            i += 1
+        scan_count = len(node.outputs) - carried_count
+        if scans is None:  # no iteration ran: empty scan outputs (their element shape is unknown here)
+            stacked = [torch.zeros(0) for _ in range(scan_count)]
+        else:
+            stacked = [torch.stack(values) for values in scans]
+        return (*carried, *stacked)
     return fn
