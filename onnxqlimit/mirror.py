@@ -195,7 +195,8 @@ class Mirror(nn.Module):
         """Node `index`'s inputs and the tensors its subgraphs read from this scope."""
         return [*self.nodes[index].inputs, *self._outer.get(index, ())]
 
-    def run_subgraph(self, scope: Mapping[str, torch.Tensor], inputs: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
+    def run_subgraph(self, scope: Mapping[str, torch.Tensor],
+                     inputs: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
         """This mirror as a subgraph: its outputs, given the tensors it reads from outside and
         its own inputs in order (a Loop body's iteration number, condition, carried values)."""
         self.runs += 1

@@ -80,7 +80,8 @@ def vad_model(sr_input: bool = True) -> onnx.ModelProto:
 
     inner = helper.make_graph(  # nested If: read 'seq' from two scopes out
         [helper.make_node("Relu", ["seq"], ["pos"])], "inner_then", [], [tensor("pos", [None] * 3)])
-    inner_else = helper.make_graph([helper.make_node("Neg", ["seq"], ["neg"])], "inner_else", [], [tensor("neg", [None] * 3)])
+    inner_else = helper.make_graph([helper.make_node("Neg", ["seq"], ["neg"])], "inner_else", [],
+                                   [tensor("neg", [None] * 3)])
     then = helper.make_graph(
         [helper.make_node("ReduceMean", ["seq"], ["m"], keepdims=0),
          helper.make_node("Greater", ["m", "zero"], ["c"]),

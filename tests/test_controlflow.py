@@ -73,7 +73,8 @@ def test_a_scalar_input_calibrates_from_one_value_or_one_per_sample(tmp_path):
     options = RunOptions(recon=ReconConfig(method="rtn", calib_size=16), progress=False, overwrite=True)
     outputs = {}
     for sr in (np.array(16000, np.int64), np.full(16, 8000, np.int64)):
-        result = quantize(str(source), tmp_path / "q.onnx", {"x": x, "sr": sr}, QuantConfig.of(wbits=8, abits=8), options)
+        result = quantize(str(source), tmp_path / "q.onnx", {"x": x, "sr": sr}, QuantConfig.of(wbits=8, abits=8),
+                          options)
         assert all(p["within_one_step"] > 0.99 for p in result.report.parity)
         session = ort_session(result.output_path.read_bytes())
         outputs[int(sr.reshape(-1)[0])] = session.run(None, {"x": x[:2], "sr": np.array(int(sr.reshape(-1)[0]))})[0]
@@ -137,4 +138,24 @@ def test_a_loop_with_scan_outputs_and_an_outer_read_matches_onnxruntime():
     with torch.no_grad():
         got = Mirror(model).run({"x": torch.from_numpy(x)})
     for name, value in zip(("z", "steps"), want):
+        np.testing.assert_allclose(got[name].numpy(), value, rtol=1e-6)
+
+
+def test_a_scan_over_a_later_axis_in_reverse_matches_onnxruntime():
+    """Running sum over axis 1, read backwards, written out along axis 1; the body reads
+    an outer tensor (`scale`)."""
+    body = helper.make_graph(
+        [helper.make_node("Add", ["sum_in", "x_t"], ["sum_raw"]),
+         helper.make_node("Mul", ["sum_raw", "scale"], ["sum_out"]),
+         helper.make_node("Identity", ["sum_out"], ["y_t"])], "body",
+        [tensor("sum_in", [2]), tensor("x_t", [2])], [tensor("sum_out", [2]), tensor("y_t", [2])])
+    node = helper.make_node("Scan", ["init", "x"], ["total", "y"], body=body, num_scan_inputs=1,
+                            scan_input_axes=[1], scan_input_directions=[1], scan_output_axes=[1])
+    model = make([node], [tensor("init", [2]), tensor("x", [2, 5])], [tensor("total", [2]), tensor("y", [2, 5])],
+                 [("scale", np.array(0.9, np.float32))], opset=17)
+    feeds = {"init": np.ones(2, np.float32), "x": np.random.default_rng(0).normal(size=(2, 5)).astype(np.float32)}
+    want = ort_session(model.SerializeToString()).run(None, feeds)
+    with torch.no_grad():
+        got = Mirror(model).run({k: torch.from_numpy(v) for k, v in feeds.items()})
+    for name, value in zip(("total", "y"), want):
         np.testing.assert_allclose(got[name].numpy(), value, rtol=1e-6)

@@ -45,8 +45,9 @@ def _model(op: str, direction="forward", layout=0, lens=False, states=False, pee
         node_inputs.pop()
     outputs = ["Y", "Y_h", "Y_c"][:1 + n_states]
     node = helper.make_node(op, node_inputs, outputs, hidden_size=HIDDEN, direction=direction, layout=layout, **attrs)
-    graph = helper.make_graph([node], "rnn", graph_inputs, [helper.make_tensor_value_info(o, TensorProto.FLOAT, [None] * (4 if o == "Y" else 3))
-                                                           for o in outputs], inits)
+    graph = helper.make_graph([node], "rnn", graph_inputs,
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, [None] * (4 if o == "Y" else 3))
+                               for o in outputs], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
 
 

@@ -50,3 +50,37 @@ def _loop(node: Node):
             stacked = [torch.stack(values) for values in scans]
         return (*carried, *stacked)
     return fn
+
+
+@register("Scan")
+def _scan(node: Node):
+    body, m = node.attr("body"), node.attr("num_scan_inputs")
+    if not hasattr(body, "run_subgraph") or m is None:
+        raise node.unsupported("body graph or num_scan_inputs missing")
+    if node.opset < 9:
+        raise node.unsupported("opset < 9 (the form with a batch axis and sequence_lens)")
+    in_axes, in_dirs = node.attr("scan_input_axes") or [0] * m, node.attr("scan_input_directions") or [0] * m
+
+    def fn(*inputs, scope=None):
+        n = len(inputs) - m
+        states, scans = list(inputs[:n]), inputs[n:]
+        axes = [a % s.dim() for a, s in zip(in_axes, scans)]
+        length = scans[0].shape[axes[0]] if scans else 0
+        collected: list[list] = []
+        for t in range(length):
+            slices = [s.select(axis, length - 1 - t if reverse else t)
+                      for s, axis, reverse in zip(scans, axes, in_dirs)]
+            outs = body.run_subgraph(scope or {}, [*states, *slices])
+            states = list(outs[:n])
+            collected = collected or [[] for _ in outs[n:]]
+            for values, value in zip(collected, outs[n:]):
+                values.append(value)
+        k = len(node.outputs) - n
+        out_axes = node.attr("scan_output_axes") or [0] * k
+        out_dirs = node.attr("scan_output_directions") or [0] * k
+        stacked = []
+        for values, axis, reverse in zip(collected, out_axes, out_dirs):
+            joined = torch.stack(values[::-1] if reverse else values)  # reverse: each element is prepended
+            stacked.append(joined.movedim(0, axis % joined.dim()))
+        return (*states, *stacked)
+    return fn
