@@ -47,14 +47,15 @@ class RuntimeCheck:
         return self.ms / self.float_ms if self.ms and self.float_ms else None
 
 
-
 class Session(ort.InferenceSession):
     """An onnxruntime session fed batches as onnxqlimit holds them (samples first): scalar
     and stacked state inputs become what the model declares (data.model_feeds)."""
 
     def run(self, output_names, input_feed, run_options=None):
-        return super().run(output_names, model_feeds(input_feed, {i.name: i.shape for i in self.get_inputs()}),
-                           run_options)
+        if getattr(self, "_declared", None) is None:  # (once: latency timing calls run in a loop)
+            self._declared = {i.name: i.shape for i in self.get_inputs()}
+        return super().run(output_names, model_feeds(input_feed, self._declared), run_options)
+
 
 def cpu_session(model: onnx.ModelProto | str | Path | bytes, threads: int = 0,
                 optimized_path: str | None = None) -> ort.InferenceSession:
