@@ -35,6 +35,7 @@ from itertools import accumulate
 import onnx
 
 from ..errors import QLimitError
+from ..graph import outer_names
 from ..quant.policy import float_initializers, weight_input
 
 GRANULARITIES = ("layer", "block", "stage", "net")
@@ -98,7 +99,7 @@ def _flow(model: onnx.ModelProto) -> _Flow:
     last_reader: dict[str, int] = {}
     main: set[str] = set()
     for index, node in enumerate(nodes):
-        reads = [t for t in node.input if t and t not in inits]
+        reads = [t for t in [*node.input, *outer_names(node)] if t and t not in inits]  # (+ subgraphs' reads)
         for t in reads:
             last_reader[t] = index
         if is_layer[index] or (node.op_type not in _SHAPE_ONLY_OPS and any(t in main for t in reads)):
@@ -191,7 +192,7 @@ def _group_chains(ranges: list[tuple[int, int]], count: list[int], limit: int) -
 def _make_block(index: int, start: int, stop: int, flow: _Flow) -> Block:
     inputs, context, seen = [], [], set()
     for node in flow.nodes[start:stop]:
-        for t in node.input:
+        for t in [*node.input, *outer_names(node)]:
             if t in flow.producer and flow.producer[t] < start and t not in seen:
                 seen.add(t)
                 (inputs if t in flow.main else context).append(t)

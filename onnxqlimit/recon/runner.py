@@ -61,8 +61,8 @@ def quantizer_owners(mirror: Mirror, blocks: list[Block], points: list[QuantPoin
 
     produced_in = {name: block_at(i) for i, node in enumerate(mirror.nodes) for name in node.outputs}
     readers: dict[str, set[int]] = {}
-    for i, node in enumerate(mirror.nodes):
-        for name in node.inputs:
+    for i in range(len(mirror.nodes)):
+        for name in mirror.reads(i):  # (a control-flow node's subgraphs read too)
             readers.setdefault(name, set()).add(block_at(i))
     owners: dict[int, list[QuantPoint]] = {}
     on_entry: set[str] = set()
