@@ -14,26 +14,29 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from .registry import Node, register
+from .registry import Node, get_converter, register
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
-# name -> (uses alpha, uses beta, default alpha, default beta, function(alpha, beta))
-_ACTIVATIONS: dict[str, tuple[bool, bool, float, float, Callable[[float, float], Activation]]] = {
-    "sigmoid": (False, False, 0.0, 0.0, lambda a, b: torch.sigmoid),
-    "tanh": (False, False, 0.0, 0.0, lambda a, b: torch.tanh),
-    "relu": (False, False, 0.0, 0.0, lambda a, b: torch.relu),
-    "softsign": (False, False, 0.0, 0.0, lambda a, b: F.softsign),
-    "softplus": (False, False, 0.0, 0.0, lambda a, b: F.softplus),
-    "leakyrelu": (True, False, 0.01, 0.0, lambda a, b: lambda x: F.leaky_relu(x, a)),
-    "thresholdedrelu": (True, False, 1.0, 0.0, lambda a, b: lambda x: torch.where(x > a, x, torch.zeros_like(x))),
-    "elu": (True, False, 1.0, 0.0, lambda a, b: lambda x: F.elu(x, a)),
-    "hardsigmoid": (True, True, 0.2, 0.5, lambda a, b: lambda x: torch.clamp(a * x + b, 0, 1)),
-    "affine": (True, True, 1.0, 0.0, lambda a, b: lambda x: a * x + b),
-    "scaledtanh": (True, True, 1.0, 1.0, lambda a, b: lambda x: a * torch.tanh(b * x)),
+# Activation name -> (takes alpha, takes beta). Those that are ONNX ops run through the op's
+# own converter (its defaults are the ones the recurrent ops use); Affine and ScaledTanh,
+# which are not ops, are defined here.
+_ACTIVATIONS: dict[str, tuple[bool, bool]] = {
+    "Sigmoid": (False, False), "Tanh": (False, False), "Relu": (False, False), "Softsign": (False, False),
+    "Softplus": (False, False), "LeakyRelu": (True, False), "ThresholdedRelu": (True, False), "Elu": (True, False),
+    "HardSigmoid": (True, True), "Affine": (True, True), "ScaledTanh": (True, True),
 }
+_NOT_OPS: dict[str, Callable[..., Activation]] = {
+    "Affine": lambda alpha=1.0, beta=0.0: lambda x: alpha * x + beta,
+    "ScaledTanh": lambda alpha=1.0, beta=1.0: lambda x: alpha * torch.tanh(beta * x),
+}
+
+
+def _activation(name: str, attrs: dict) -> Activation:
+    if name in _NOT_OPS:
+        return _NOT_OPS[name](**attrs)
+    return get_converter(name)(Node(name, f"{name}_activation", ("x",), ("y",), attrs))
 
 
 def _activations(node: Node, defaults: list[str], directions: int) -> list[list[Activation]]:
@@ -43,17 +46,19 @@ def _activations(node: Node, defaults: list[str], directions: int) -> list[list[
     if len(names) != len(defaults) * directions:
         raise node.unsupported(f"{len(names)} activations given, {len(defaults) * directions} expected")
     alphas, betas = list(node.attr("activation_alpha") or []), list(node.attr("activation_beta") or [])
+    canonical = {k.lower(): k for k in _ACTIVATIONS}
     found = []
-    for name in names:
-        spec = _ACTIVATIONS.get(name.lower())
-        if spec is None:
-            raise node.unsupported(f"activation {name} (supported: {', '.join(sorted(_ACTIVATIONS))})")
-        uses_alpha, uses_beta, alpha, beta, make = spec
-        if uses_alpha and alphas:
-            alpha = alphas.pop(0)
-        if uses_beta and betas:
-            beta = betas.pop(0)
-        found.append(make(alpha, beta))
+    for given in names:
+        name = canonical.get(given.lower())
+        if name is None:
+            raise node.unsupported(f"activation {given} (supported: {', '.join(sorted(canonical))})")
+        takes_alpha, takes_beta = _ACTIVATIONS[name]
+        attrs = {}
+        if takes_alpha and alphas:
+            attrs["alpha"] = alphas.pop(0)
+        if takes_beta and betas:
+            attrs["beta"] = betas.pop(0)
+        found.append(_activation(name, attrs))
     k = len(defaults)
     return [found[d * k:(d + 1) * k] for d in range(directions)]
 
@@ -143,6 +148,7 @@ def _recurrent(node: Node, gates: int, defaults: list[str], make_step, n_states:
             x_proj = x @ w[d].T + wb  # every step's input projection at once: [seq, batch, gates*hidden]
             state = tuple(s[d] if s is not None else x.new_zeros(batch, hidden) for s in initial)
             out = x.new_zeros(seq, batch, hidden)
+            rows = torch.arange(batch, device=x.device)
             for t in range(seq):
                 if lens is None:
                     src = seq - 1 - t if reverse[d] else t
@@ -152,11 +158,10 @@ def _recurrent(node: Node, gates: int, defaults: list[str], make_step, n_states:
                 # Per entry: the step it reads (reverse: from its own last valid step), and whether it is valid.
                 valid = (t < lens).unsqueeze(-1)
                 src = ((lens - 1 - t).clamp(min=0) if reverse[d] else torch.full_like(lens, t)).clamp(max=seq - 1)
-                step_in = x_proj[src, torch.arange(batch, device=x.device)]
+                step_in = x_proj[src, rows]
                 h_new, new_state = steps[d](step_in, state, r[d], rb, p[d] if p is not None else None)
                 state = tuple(torch.where(valid, n, o) for n, o in zip(new_state, state))
-                out = out.index_put((src, torch.arange(batch, device=x.device)),
-                                    torch.where(valid, h_new, out[src, torch.arange(batch, device=x.device)]))
+                out = out.index_put((src, rows), torch.where(valid, h_new, out[src, rows]))
             ys.append(out)
             finals.append(state)
         y = torch.stack(ys, dim=1)  # [seq, num_directions, batch, hidden]
