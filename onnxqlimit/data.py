@@ -108,11 +108,6 @@ def declared_shapes(model: onnx.ModelProto) -> dict[str, list]:
     return {v.name: input_shape(v) if v.type.tensor_type.HasField("shape") else None for v in graph_inputs(model)}
 
 
-def scalar_inputs(model: onnx.ModelProto) -> list[str]:
-    """The model inputs declared with rank 0 (e.g. a sample rate)."""
-    return [v.name for v in graph_inputs(model) if v.type.tensor_type.HasField("shape") and not input_shape(v)]
-
-
 def random_feeds(model: onnx.ModelProto, shapes: Mapping[str, list[int]] | None = None,
                  seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs for a smoke check: uniform [0, 1) floats, ones for ints (valid token ids and masks).
@@ -258,11 +253,13 @@ def conform(feeds: dict[str, np.ndarray], model: onnx.ModelProto, what: str = "c
     takes its samples stacked on a new first axis (N x 2 x 1 x 128). Both are held with
     samples first from here on; model_feeds gives the model what it declares."""
     out = {}
-    scalars = set(scalar_inputs(model))
+    scalars = set()
     for value in graph_inputs(model):
         name, array = value.name, np.asarray(feeds[value.name])
         shape = input_shape(value) if value.type.tensor_type.HasField("shape") else None
         where = f"{what} input '{name}'"
+        if shape == []:
+            scalars.add(name)
         if name in scalars and array.ndim > 1:
             raise QLimitError(f"{where}: the model takes a scalar; give one 0-d value for every sample or one value "
                               f"per sample, shape (N,) (got {tuple(array.shape)})")
