@@ -109,10 +109,12 @@ class Mirror(nn.Module):
         if missing or problems:
             raise UnsupportedModelError(_refusal_message(missing, problems))
 
-        # Where each tensor is last read, so intermediate results are freed as soon as possible.
+        # What each node reads (its subgraphs' reads of this scope too), and where each tensor
+        # is last read, so intermediate results are freed as soon as possible.
+        self._reads = [[*node.inputs, *self._outer.get(index, ())] for index, node in enumerate(self.nodes)]
         self._last_use: dict[str, int] = {}
-        for index, node in enumerate(self.nodes):
-            for name in self.reads(index):
+        for index, reads in enumerate(self._reads):
+            for name in reads:
                 self._last_use[name] = index
         self._hook_keys: dict[str, str] = {}
         self.hooks = nn.ModuleDict()
@@ -193,7 +195,7 @@ class Mirror(nn.Module):
 
     def reads(self, index: int) -> list[str]:
         """Node `index`'s inputs and the tensors its subgraphs read from this scope."""
-        return [*self.nodes[index].inputs, *self._outer.get(index, ())]
+        return self._reads[index]
 
     def run_subgraph(self, scope: Mapping[str, torch.Tensor],
                      inputs: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
