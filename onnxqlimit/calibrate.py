@@ -21,6 +21,7 @@ from .quant.config import Scheme
 from .quant.fake_quant import BiasQuantize, FakeQuantize
 from .quant.observers import RangeObserver, weight_qparams
 from .quant.policy import QuantPoint
+from .quant.widths import FLOAT_BITS
 
 
 class _Observe(nn.Module):
@@ -56,6 +57,7 @@ class Calibration:
 
     def __init__(self, mirror: Mirror, observers: Mapping[str, RangeObserver], scheme: Scheme):
         self.mirror, self.observers, self.scheme = mirror, observers, scheme
+        self.unobserved: list[str] = []  # activations no calibration sample reached: left float
         self._memo: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def qparams(self, point: QuantPoint, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +97,10 @@ def calibrate(mirror: Mirror, points: list[QuantPoint], quantizers: Mapping[str,
         for name in observers:
             mirror.set_hook(name, quantizers[name])
     for point in acts:
+        if not observers[point.tensor].samples:  # computed in a branch no sample took: no range
+            point.spec, point.fixed = replace(point.spec, bits=FLOAT_BITS), True
+            quantizers[point.tensor].spec = point.spec
+            calibration.unobserved.append(point.tensor)
         quantizers[point.tensor].set_qparams(*calibration.qparams(point, point.spec.bits))
     derive_scales(points, quantizers, mirror)
     return calibration

@@ -15,7 +15,7 @@ from typing import Callable
 
 import onnx
 
-from .graph import all_nodes, outer_names, topological_sort
+from .graph import innermost_common, outer_names, scoped_nodes, topological_sort
 from .mirror import Mirror
 from .qdq import (
     gathers_rows,
@@ -30,17 +30,54 @@ from .quant.fake_quant import BiasQuantize
 from .state import QuantState
 
 
-def _consumers_of(graph: onnx.GraphProto, name: str):
-    """(node, input index) of every reader, inside subgraphs too: the mirror's quantizer
-    hook changes the tensor for all its readers, so the file must rewire them all (ONNX
-    names are unique across scopes, so a subgraph never shadows the name)."""
-    return [(node, i) for node in all_nodes(graph) for i, t in enumerate(node.input) if t == name]
+def _consumers_of(graph: onnx.GraphProto, name: str) -> tuple[list[tuple], onnx.GraphProto]:
+    """Every reader as (node, input index, its graph), inside subgraphs too, and the graph the
+    Q/DQ nodes go into: the innermost one holding every reader, so that a layer inside an If
+    branch or a Loop body has its DequantizeLinear beside it, where the runtime's fusion
+    looks. A subgraph that hands the tensor out as its output reads it too, as
+    (that output, None, the subgraph). The mirror's quantizer hook changes the tensor for
+    all its readers, so the file must rewire them all (ONNX names are unique across scopes:
+    a subgraph never shadows one)."""
+    scoped = list(scoped_nodes(graph))
+    found = [(node, i, chain) for node, chain in scoped for i, t in enumerate(node.input) if t == name]
+    inner = {id(chain[-1]): chain for _, chain in scoped if len(chain) > 1}
+    found += [(out, None, chain) for chain in inner.values() for out in chain[-1].output if out.name == name]
+    home = innermost_common([chain for *_, chain in found]) if found else graph
+    return [(reader, i, chain[-1]) for reader, i, chain in found], home
+
+
+def _rewire(reader: tuple, name: str) -> None:
+    node, index, _ = reader
+    if index is None:  # a subgraph's output: its node's output is positional, so a new name is fine
+        node.name = name
+    else:
+        node.input[index] = name
+
+
+def _dequantize_beside(readers, home: onnx.GraphProto, point, dequantized: str) -> None:
+    """Rewire an activation's readers to its DequantizeLinear; a reader in a graph nested
+    below `home` (a Conv in an If branch reading a tensor of the main graph) gets a
+    DequantizeLinear of its own in its graph, of the integers quantized in `home`: onnxruntime
+    fuses a layer into an integer kernel only with the DequantizeLinear beside it."""
+    copies: dict[int, str] = {}
+    for reader in readers:
+        scope = reader[2]
+        name = dequantized
+        if scope is not home:
+            if id(scope) not in copies:
+                copies[id(scope)] = f"{dequantized}_{len(copies) + 1}"
+                base = point.tensor
+                scope.node.append(onnx.helper.make_node(
+                    "DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
+                    [copies[id(scope)]], name=f"{copies[id(scope)]}_DequantizeLinear"))
+            name = copies[id(scope)]
+        _rewire(reader, name)
 
 
 def _weight_only_gemm(readers, point, quantizers) -> bool:
     """Whether a weight is read only as B of transB=1 Gemms with float activations (see
     qdq.reads_transposed); if so their transB is cleared, and the weight is stored transposed."""
-    gemms = [node for node, index in readers if index == 1 and reads_transposed(node)
+    gemms = [node for node, index, _ in readers if index == 1 and reads_transposed(node)
              and (node.input[0] not in quantizers or quantizers[node.input[0]].spec.is_float)]
     if not gemms or len(gemms) != len(readers) or point.spec.channel_axis is None:
         return False
@@ -71,23 +108,22 @@ def export_qdq(model: onnx.ModelProto, mirror: Mirror, state: QuantState,
         if gathers:  # an embedding: rows dequantized after the lookup, no DequantizeLinear of the table
             insert_gathered_table(graph, point, quantizer, mirror.initializer(point.tensor), gathers, store)
             continue
-        readers = _consumers_of(graph, point.tensor)
-        if point.kind == "weight":
-            transpose = _weight_only_gemm(readers, point, quantizers)
-            beside = any(t in quantized_acts for node, _ in readers for t in node.input[:2])
-            new_name = insert_weight(graph, point, quantizer, mirror.initializer(point.tensor), store, transpose,
-                                     beside)
-        else:
-            new_name = insert_activation(graph, point, quantizer)
-        for node, index in readers:
-            node.input[index] = new_name
+        readers, home = _consumers_of(graph, point.tensor)
+        if point.kind == "activation":
+            _dequantize_beside(readers, home, point, insert_activation(home, point, quantizer))
+            continue
+        transpose = _weight_only_gemm(readers, point, quantizers)
+        beside = any(t in quantized_acts for node, index, _ in readers if index is not None for t in node.input[:2])
+        new_name = insert_weight(home, point, quantizer, mirror.initializer(point.tensor), store, transpose, beside)
+        for reader in readers:
+            _rewire(reader, new_name)
         bias_hook = mirror.get_hook(point.bias[0]) if point.bias is not None else None
         if isinstance(bias_hook, BiasQuantize) and bias_hook.scale() is not None:
             bias = point.bias[0]
-            readers = _consumers_of(graph, bias)
-            new_name = insert_bias(graph, bias, mirror.initializer(bias), bias_hook)
-            for node, index in readers:
-                node.input[index] = new_name
+            readers, home = _consumers_of(graph, bias)
+            new_name = insert_bias(home, bias, mirror.initializer(bias), bias_hook)
+            for reader in readers:
+                _rewire(reader, new_name)
     used = {t for n in graph.node for t in [*n.input, *outer_names(n)]} | {o.name for o in graph.output}
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]

@@ -7,10 +7,10 @@ from typing import Iterator
 import onnx
 
 
-def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    """Tensor name -> nodes that read it (main graph only)."""
+def consumers(graph: onnx.GraphProto, inside: bool = False) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> nodes that read it (in the main graph; `inside`: in subgraphs too)."""
     users: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
+    for node in all_nodes(graph) if inside else graph.node:
         for name in node.input:
             if name:
                 users[name].append(node)
@@ -30,23 +30,27 @@ def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 
 
 def topological_sort(graph: onnx.GraphProto) -> None:
-    """Reorder graph.node in place so that every node follows the producers of its inputs.
+    """Reorder graph.node in place so that every node follows the producers of its inputs,
+    in the graphs inside its nodes too.
 
     Some exporters write nodes out of order; onnx.checker and the mirror both need order.
     A control-flow node also follows the producers of what its subgraphs read (outer_names).
+    Names no node of the graph produces (inputs, initializers, an outer scope's tensors)
+    are there from the start.
     """
-    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    produced = {o for node in graph.node for o in node.output if o}
+    available: set[str] = set()
     pending = list(graph.node)
     ordered: list[onnx.NodeProto] = []
     while pending:
         remaining = []
         for node in pending:
-            if all(name in available for name in [*node.input, *outer_names(node)]):
+            if all(name not in produced or name in available for name in [*node.input, *outer_names(node)]):
                 ordered.append(node)
                 available.update(node.output)
             else:
                 remaining.append(node)
-        if len(remaining) == len(pending):  # a cycle or a dangling input: leave the rest as is
+        if len(remaining) == len(pending):  # a cycle: leave the rest as is
             ordered.extend(remaining)
             break
         pending = remaining
@@ -56,6 +60,9 @@ def topological_sort(graph: onnx.GraphProto) -> None:
             copy.CopyFrom(node)
         del graph.node[:]
         graph.node.extend(copies)
+    for node in graph.node:
+        for sub in subgraphs(node):
+            topological_sort(sub)
 
 
 def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
@@ -77,6 +84,15 @@ def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
             yield from all_nodes(sub)
 
 
+def all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """The initializers of the graph and of the graphs inside its nodes (an exported layer
+    inside an If branch keeps its integer weight there)."""
+    yield from graph.initializer
+    for node in all_nodes(graph):
+        for sub in subgraphs(node):
+            yield from sub.initializer
+
+
 def outer_names(node: onnx.NodeProto) -> list[str]:
     """Tensors a control-flow node's subgraphs read from the scopes around the node (ONNX
     lets a subgraph use any tensor visible where its node stands, without declaring it)."""
@@ -86,3 +102,22 @@ def outer_names(node: onnx.NodeProto) -> list[str]:
         found = [name for n in graph.node for name in [*n.input, *(x for g in subgraphs(n) for x in reads(g))]]
         return [name for name in found if name and name not in defined]
     return list(dict.fromkeys(name for graph in subgraphs(node) for name in reads(graph)))
+
+
+def scoped_nodes(graph: onnx.GraphProto, chain: tuple = ()) -> Iterator[tuple[onnx.NodeProto, tuple]]:
+    """Every node as all_nodes gives it, with the graphs from `graph` down to the one holding it."""
+    chain = (*chain, graph)
+    for node in graph.node:
+        yield node, chain
+        for sub in subgraphs(node):
+            yield from scoped_nodes(sub, chain)
+
+
+def innermost_common(chains: list[tuple]) -> onnx.GraphProto:
+    """The innermost graph that holds every one of several nodes, given their scoped_nodes chains."""
+    common = chains[0][0]
+    for level in zip(*chains):
+        if any(g is not level[0] for g in level):
+            break
+        common = level[0]
+    return common

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from onnx import numpy_helper
 
 from . import weights
 from .errors import QLimitError
-from .graph import consumers, node_attr, topological_sort
+from .graph import all_nodes, consumers, node_attr, subgraphs, topological_sort
 from .weights import TWO_GB
 
 log = logging.getLogger("onnxqlimit")
@@ -126,8 +127,8 @@ def _name_nodes(graph: onnx.GraphProto) -> None:
     """Give unnamed nodes unique names: reports, --exclude and --bits refer to nodes by name.
     A node that onnxsim made (a Gemm fused from MatMul + Add) is named after its output,
     which keeps the user's tensor name, rather than after its position."""
-    taken = {n.name for n in graph.node if n.name}
-    for index, node in enumerate(graph.node):
+    taken = {n.name for n in all_nodes(graph) if n.name}
+    for index, node in enumerate(all_nodes(graph)):  # (subgraph nodes too: the policy names them)
         if not node.name:
             name = node.output[0] if node.output and node.output[0] else f"{node.op_type}_{index}"
             while name in taken:
@@ -253,21 +254,54 @@ def constants_to_initializers(graph: onnx.GraphProto) -> int:
     """Turn Constant nodes into initializers of the same name; returns how many.
 
     Exporters such as Paddle's keep every weight in a Constant node; quantizers and the
-    QDQ export need weights as initializers.
+    QDQ export need weights as initializers. Constants inside subgraphs (a Conv weight in
+    an If branch, a Loop body's constant) move up to the main graph too, where the mirror
+    and the policy find every weight; a subgraph reads them from the outer scope, as ONNX
+    allows. A constant that is its subgraph's output, or whose name another scope also
+    uses (sibling subgraphs may reuse a name), stays where it is.
     """
-    outputs = {o.name for o in graph.output}
+    moved = _lift(graph, graph, {o.name for o in graph.output})
+    inner = [sub for node in graph.node for top in subgraphs(node) for sub in _graphs(top)]
+    names = Counter(o for sub in inner for n in sub.node for o in n.output) + \
+        Counter(t.name for sub in inner for t in [*sub.initializer, *sub.input])
+    main_scope = {t.name for t in graph.initializer} | {v.name for v in graph.input} | \
+        {o for n in graph.node for o in n.output}
+    clash = {name for name, count in names.items() if count > 1 or name in main_scope}
+    for sub in inner:
+        moved += _lift_from_subgraph(graph, sub, {o.name for o in sub.output} | clash)
+    return moved
+
+
+def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """`graph` and every graph nested in it."""
+    return [graph] + [g for node in graph.node for sub in subgraphs(node) for g in _graphs(sub)]
+
+
+def _lift(graph: onnx.GraphProto, target: onnx.GraphProto, keep: set[str]) -> int:
+    """Constant nodes of `graph` (not named in `keep`) -> initializers of `target`."""
     kept, moved = [], 0
     for node in graph.node:
         value = _constant_value(node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
-        if value is None or node.output[0] in outputs:
+        if value is None or node.output[0] in keep:
             kept.append(node)
             continue
-        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        target.initializer.append(numpy_helper.from_array(value, node.output[0]))
         moved += 1
     if moved:
         del graph.node[:]
         graph.node.extend(kept)
     return moved
+
+
+def _lift_from_subgraph(main: onnx.GraphProto, sub: onnx.GraphProto, keep: set[str]) -> int:
+    moved = _lift(sub, main, keep)
+    lifted = [t for t in sub.initializer if t.name not in keep]
+    if lifted:
+        main.initializer.extend(lifted)
+        kept = [t for t in sub.initializer if t.name in keep]
+        del sub.initializer[:]
+        sub.initializer.extend(kept)
+    return moved + len(lifted)
 
 
 # ------------------------------------------------------------------ batch-norm folding

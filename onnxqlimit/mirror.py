@@ -52,8 +52,11 @@ def _safe_key(name: str, taken: set[str]) -> str:
 class Mirror(nn.Module):
     """Runs an ONNX graph with torch; see the module docstring."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, root: Mirror | None = None):
         super().__init__()
+        # A subgraph's mirror shares its root's quantizer hooks (tensor names are unique across
+        # scopes) and device; a plain attribute, so the root is no child module of its own child.
+        self.__dict__["_root"] = root
         graph = model.graph
         self.opsets = model_opsets(model)
         self._keys: dict[str, str] = {}  # ONNX tensor name -> attribute name on this module
@@ -95,7 +98,7 @@ class Mirror(nn.Module):
                 continue  # (an unsupported op inside a subgraph is named by `missing`)
             for attr in proto.attribute:
                 if attr.type == onnx.AttributeProto.GRAPH:
-                    sub = Mirror(onnx.helper.make_model(attr.g, opset_imports=model.opset_import))
+                    sub = Mirror(onnx.helper.make_model(attr.g, opset_imports=model.opset_import), root or self)
                     key = _safe_key(f"{node.name}.{attr.name}", set(self.subgraphs.keys()))
                     self.subgraphs[key], self.subgraph_names[key] = sub, f"{node.op_type} '{node.name}' {attr.name}"
                     node.attrs[attr.name] = sub
@@ -125,24 +128,29 @@ class Mirror(nn.Module):
         return getattr(self, self._keys[name])
 
     def set_hook(self, name: str, module: nn.Module | None) -> None:
-        """Route the tensor `name` through `module` wherever it is read (None removes)."""
-        key = self._hook_keys.get(name) or _safe_key(name, set(self.hooks.keys()))
+        """Route the tensor `name` through `module` wherever it is read (None removes), in
+        whichever scope computes it."""
+        table = self._root or self
+        key = table._hook_keys.get(name) or _safe_key(name, set(table.hooks.keys()))
         if module is None:
-            if key in self.hooks:
-                del self.hooks[key]
-            self._hook_keys.pop(name, None)
+            if key in table.hooks:
+                del table.hooks[key]
+            table._hook_keys.pop(name, None)
             return
-        self._hook_keys[name] = key
-        self.hooks[key] = module
+        table._hook_keys[name] = key
+        table.hooks[key] = module
 
     def get_hook(self, name: str) -> nn.Module | None:
-        key = self._hook_keys.get(name)
-        return self.hooks[key] if key is not None else None
+        table = self._root or self
+        key = table._hook_keys.get(name)
+        return table.hooks[key] if key is not None else None
 
     # ---------------------------------------------------------------- execution
 
     @property
     def device(self) -> torch.device:
+        if self._root is not None:
+            return self._root.device
         for t in self.parameters():
             return t.device
         for t in self.buffers():
@@ -150,8 +158,8 @@ class Mirror(nn.Module):
         return torch.device("cpu")
 
     def _put(self, env: dict, name: str, value: torch.Tensor) -> None:
-        key = self._hook_keys.get(name)
-        env[name] = self.hooks[key](value) if key is not None else value
+        hook = self.get_hook(name)
+        env[name] = hook(value) if hook is not None else value
 
     def initializer_env(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """Initializers (all, or the named ones), their hooks (weight quantizers) applied."""
@@ -196,6 +204,15 @@ class Mirror(nn.Module):
     def reads(self, index: int) -> list[str]:
         """Node `index`'s inputs and the tensors its subgraphs read from this scope."""
         return self._reads[index]
+
+    def inside(self, index: int) -> set[str]:
+        """Every tensor that node `index`'s subgraphs (nested ones too) read or compute."""
+        found: set[str] = set()
+        for value in self.nodes[index].attrs.values():
+            if isinstance(value, Mirror):
+                for j, node in enumerate(value.nodes):
+                    found.update(node.inputs, node.outputs, value.inside(j))
+        return found
 
     def run_subgraph(self, scope: Mapping[str, torch.Tensor],
                      inputs: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:

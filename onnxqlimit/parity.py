@@ -18,6 +18,7 @@ import torch
 
 from .data import batches, fixed_batch_size
 from .errors import QLimitError
+from .graph import all_nodes, subgraphs
 from .mirror import Mirror
 from .runtime import Session
 from .weights import on_disk
@@ -155,7 +156,9 @@ def check_integers(qmodel: Path, quantizers: Mapping, tensors: list[str],
     # integers themselves cannot be fetched (onnxruntime has no numpy type for int4/int2)
     for name in tensors:
         names += [name, f"{name}_dequantized"]
-    for name in names:
+    carried = _carry_out(probe.graph, set(names), _elem_types(probe.graph))
+    outputs = [carried.get(name, name) for name in names]
+    for name in outputs:
         if name not in existing:
             probe.graph.output.add(name=name)
     probe_path = Path(qmodel).with_name(f".{Path(qmodel).name}.probe.onnx")
@@ -164,7 +167,7 @@ def check_integers(qmodel: Path, quantizers: Mapping, tensors: list[str],
         session = ort_session(str(probe_path))
     finally:
         probe_path.unlink(missing_ok=True)
-    values = dict(zip(names, session.run(names, dict(feeds))))
+    values = dict(zip(names, session.run(outputs, dict(feeds))))
     total = flipped = beyond = 0
     with torch.no_grad():
         for name in tensors:
@@ -178,6 +181,44 @@ def check_integers(qmodel: Path, quantizers: Mapping, tensors: list[str],
             flipped += int((diff > 0).sum())
             beyond += int((diff > 1).sum())
     return IntegerParity(total, flipped / max(total, 1), beyond / max(total, 1))
+
+
+def _elem_types(graph: onnx.GraphProto) -> dict[str, int]:
+    graphs = [graph] + [g for node in all_nodes(graph) for g in subgraphs(node)]
+    return {v.name: v.type.tensor_type.elem_type for g in graphs for v in [*g.value_info, *g.input, *g.output]}
+
+
+def _carry_out(graph: onnx.GraphProto, names: set[str], types: dict[str, int]) -> dict[str, str]:
+    """For each of `names` computed inside a subgraph of `graph`'s nodes: the tensor of
+    `graph` that now carries it out, the subgraph and its node given one more output each
+    (a Loop or Scan body's becomes a scan output, stacked over iterations; an If branch that
+    does not compute it returns an empty tensor). In place; `graph`'s own tensors are left out."""
+    carried: dict[str, str] = {}
+    for node in graph.node:
+        subs = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+        if not subs:
+            continue
+        inside = []
+        for sub in subs:
+            own = {o for n in sub.node for o in n.output} | {v.name for v in sub.input}
+            inside.append({**{n: n for n in names if n in own}, **_carry_out(sub, names, types)})
+        for name in sorted(set().union(*inside) - set(carried)):
+            out = f"{name}_carried_by_{node.name or node.op_type}"
+            elem = types.get(name, onnx.TensorProto.FLOAT)
+            for sub, found in zip(subs, inside):
+                value = f"{out}_value"  # a copy: onnxruntime returns nothing for a tensor output twice
+                if name in found:
+                    sub.node.append(onnx.helper.make_node("Identity", [found[name]], [value]))
+                else:  # the other branch of an If
+                    empty = onnx.helper.make_tensor(value, elem, [0], [])
+                    sub.node.append(onnx.helper.make_node("Constant", [], [value], value=empty))
+                sub.output.append(onnx.helper.make_tensor_value_info(value, elem, None))
+            for attr in node.attribute:  # Scan: one more scan output, along axis 0, forward
+                if attr.name in ("scan_output_axes", "scan_output_directions"):
+                    attr.ints.append(0)
+            node.output.append(out)
+            carried[name] = out
+    return carried
 
 
 def check_file(path: Path, mirror: Mirror, state, feeds: Mapping[str, np.ndarray], fixed_batch: int | None,

@@ -191,8 +191,11 @@ def place_and_calibrate(ctx: Context) -> QuantState:
     quantizers = attach_quantizers(ctx.mirror, points, profile(ctx.config.runtime).fused_bits)
     state = QuantState(points, quantizers, calibrate(ctx.mirror, points, quantizers, ctx.batches(),
                                                      ctx.config.scheme, ctx.options.progress))
-    for name in ctx.mirror.untaken_subgraphs():  # what follows it was calibrated on the other branch only
+    for name in ctx.mirror.untaken_subgraphs():  # its weights keep round-to-nearest; activations stay float
         log.warning("%s was not taken on any calibration sample", name)
+    if state.calibration.unobserved:
+        log.warning("%d activation(s) that no calibration sample computed stay float: %s",
+                    len(state.calibration.unobserved), ", ".join(state.calibration.unobserved[:5]))
     return state
 
 

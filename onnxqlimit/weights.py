@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, helper, numpy_helper
 
+from .graph import all_initializers
+
 TWO_GB = 2**31 - 1  # protobuf's limit on one serialised message
 IN_MEMORY_LIMIT = TWO_GB  # models with external data above this stay on disk (tests lower it)
 INLINE_BYTES = 1024  # smaller tensors stay in the proto when saving with external data
@@ -28,12 +30,12 @@ def is_external(tensor: onnx.TensorProto) -> bool:
 
 
 def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    return [t for t in model.graph.initializer if is_external(t)]
+    return [t for t in all_initializers(model.graph) if is_external(t)]
 
 
 def on_disk(model: onnx.ModelProto) -> bool:
     """Whether some of the model's tensors are references into data files (see module doc)."""
-    return any(is_external(t) for t in model.graph.initializer)
+    return any(is_external(t) for t in all_initializers(model.graph))
 
 
 def _info(tensor: onnx.TensorProto) -> tuple[Path, int, int]:
@@ -156,7 +158,7 @@ def save(model: onnx.ModelProto, path: Path, data_name: str | None = None) -> No
         onnx.save(model, str(path))
         return
     with DataFile(path.parent / data_name) as data:
-        for tensor in model.graph.initializer:
+        for tensor in all_initializers(model.graph):
             data.move_out(tensor)
     onnx.save(model, str(path))  # relative locations only: onnxruntime refuses other keys
     set_basepath(model, path.parent)

@@ -133,3 +133,42 @@ def stateful_model() -> onnx.ModelProto:
              ("axes0", np.array([0], np.int64))]
     return make(nodes, [tensor("x", ["b", 4, 40]), tensor("state", [2, "b", hidden])],
                 [tensor("y", ["b", 3]), tensor("state_out", [2, "b", hidden])], inits)
+
+
+def layers_in_subgraphs_model() -> onnx.ModelProto:
+    """Compute layers inside control flow: x [batch, 4, 16] -> Conv -> Relu -> an If on the
+    batch's largest value (> 3) whose branches each hold a Conv (the then-branch's weight in a
+    Constant node of the branch) -> a Loop of two steps whose body runs Relu -> MatMul ->
+    Add -> a Gemm head, y [batch, 3]."""
+    rng = np.random.default_rng(6)
+
+    def weight(*shape):
+        return rng.normal(0, 0.3, shape).astype(np.float32)
+
+    then = helper.make_graph(
+        [helper.make_node("Constant", [], ["tw"], value=onnx.numpy_helper.from_array(weight(8, 8, 3), "tw")),
+         helper.make_node("Conv", ["feat", "tw", "tb"], ["then_conv"]),
+         helper.make_node("Relu", ["then_conv"], ["then_out"])], "large", [], [tensor("then_out", ["b", 8, 12])])
+    other = helper.make_graph(
+        [helper.make_node("Conv", ["feat", "ew"], ["else_conv"]),
+         helper.make_node("Sigmoid", ["else_conv"], ["else_out"])], "small", [], [tensor("else_out", ["b", 8, 12])])
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Relu", ["v_in"], ["v_pos"]),
+         helper.make_node("MatMul", ["v_pos", "lw"], ["v_mm"]),
+         helper.make_node("Add", ["v_mm", "v_in"], ["v_out"]),
+         helper.make_node("Identity", ["v_out"], ["v_scan"])],
+        "step", [tensor("i", [], TensorProto.INT64), tensor("cond_in", [], TensorProto.BOOL), tensor("v_in", ["b", 8, 12])],
+        [tensor("cond_out", [], TensorProto.BOOL), tensor("v_out", ["b", 8, 12]), tensor("v_scan", ["b", 8, 12])])
+    nodes = [helper.make_node("Conv", ["x", "cw", "cb"], ["conv"]),
+             helper.make_node("Relu", ["conv"], ["feat"]),
+             helper.make_node("ReduceMax", ["x"], ["xmax"], keepdims=0),
+             helper.make_node("Greater", ["xmax", "three"], ["large"]),
+             helper.make_node("If", ["large"], ["branch"], then_branch=then, else_branch=other),
+             helper.make_node("Loop", ["trips", "yes", "branch"], ["looped", "steps"], body=body),
+             helper.make_node("Flatten", ["looped"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fw", "fb"], ["y"], transB=1)]
+    inits = [("cw", weight(8, 4, 3)), ("cb", weight(8)), ("tb", weight(8)), ("ew", weight(8, 8, 3)),
+             ("lw", weight(12, 12)), ("fw", weight(3, 96)), ("fb", weight(3)), ("three", np.array(3, np.float32)),
+             ("trips", np.array(2, np.int64)), ("yes", np.array(True))]
+    return make(nodes, [tensor("x", ["b", 4, 16])], [tensor("y", ["b", 3])], inits)

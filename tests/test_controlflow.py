@@ -10,7 +10,7 @@ from onnx import helper
 from onnxqlimit.errors import QLimitError
 from onnxqlimit.mirror import Mirror
 from onnxqlimit.parity import ort_session
-from tests.onnx_builders import loop_model, make, tensor, vad_model
+from tests.onnx_builders import layers_in_subgraphs_model, loop_model, make, tensor, vad_model
 
 
 @pytest.mark.parametrize("sr", [16000, 8000])
@@ -159,3 +159,92 @@ def test_a_scan_over_a_later_axis_in_reverse_matches_onnxruntime():
         got = Mirror(model).run({k: torch.from_numpy(v) for k, v in feeds.items()})
     for name, value in zip(("total", "y"), want):
         np.testing.assert_allclose(got[name].numpy(), value, rtol=1e-6)
+
+
+def _subgraph_ops(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Op types in each subgraph, by '<node> <attribute>'."""
+    found = {}
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                found[f"{node.op_type} {attr.name}"] = [n.op_type for n in attr.g.node]
+    return found
+
+
+def _both_branches_calibration() -> dict[str, np.ndarray]:
+    """Half the samples below the If's threshold (the else-branch), half above it."""
+    x = np.random.default_rng(1).normal(size=(32, 4, 16)).astype(np.float32)
+    x[:16] *= 0.2
+    x[16:] *= 3
+    return {"x": x}
+
+
+@pytest.mark.parametrize("method", ["rtn", pytest.param("qdrop", marks=pytest.mark.slow)])
+def test_layers_inside_branches_and_a_loop_body_get_their_own_qdq_and_integer_kernels(tmp_path, method, caplog):
+    """Each branch's Conv and the Loop body's MatMul are quantized in their own subgraph (the
+    then-branch's weight came from a Constant node there), the integer check reaches the
+    tensors inside them, and onnxruntime runs those layers in integer kernels."""
+    import logging
+
+    from onnxqlimit import QuantConfig, ReconConfig, RunOptions, quantize
+
+    source = tmp_path / "m.onnx"
+    onnx.save(layers_in_subgraphs_model(), str(source))
+    calib = _both_branches_calibration()
+    with caplog.at_level(logging.WARNING, logger="onnxqlimit"):
+        result = quantize(str(source), tmp_path / "q.onnx", calib, QuantConfig.of(wbits=8, abits=8),
+                          RunOptions(recon=ReconConfig(method=method, calib_size=32, batch_size=8, iters=20),
+                                     progress=False))
+    assert not [r for r in caplog.records if "not taken" in r.getMessage()]
+    model = onnx.load(str(result.output_path))
+    onnx.checker.check_model(model)
+    ops = _subgraph_ops(model)
+    for name in ("If then_branch", "If else_branch", "Loop body"):
+        assert ops[name].count("DequantizeLinear") >= 2, (name, ops[name])  # the weight's and the input's
+    assert "QuantizeLinear" in ops["Loop body"]
+    # the integer check covered the subgraphs' activations: v_pos twice per sample (two
+    # Loop steps) and the branch Convs' outputs, beyond the main graph's x, feat and flat
+    main_only = 2 * (4 * 16 + 8 * 14 + 96)
+    assert result.report.integer_parity["elements"] > main_only
+    assert result.report.integer_parity["flipped"] == 0
+    options = onnxruntime_options(tmp_path / "opt.onnx")
+    import onnxruntime as ort
+
+    ort.InferenceSession(str(result.output_path), options, providers=["CPUExecutionProvider"])
+    optimized = _subgraph_ops(onnx.load(str(tmp_path / "opt.onnx")))
+    assert "QLinearConv" in optimized["If then_branch"] and "QLinearConv" in optimized["If else_branch"]
+    assert "MatMulIntegerToFloat" in optimized["Loop body"]
+    float_session, session = ort_session(str(source)), ort_session(str(result.output_path))
+    for x in (calib["x"][:4], calib["x"][-4:]):  # each branch, against the float model
+        want, got = float_session.run(None, {"x": x})[0], session.run(None, {"x": x})[0]
+        assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+
+
+def onnxruntime_options(path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path)
+    return options
+
+
+def test_a_branch_is_one_block_owning_the_quantizers_inside_it():
+    """At one layer per block the main Conv, the If, the Loop and the head are blocks of their
+    own; the If's block tunes every quantizer inside its branches and takes the outer `feat`
+    in quantized on entry, though it reads it only from inside the branches."""
+    from onnxqlimit.load import load_model
+    from onnxqlimit.quant.config import QuantConfig
+    from onnxqlimit.quant.policy import place
+    from onnxqlimit.recon.blocks import BlockConfig, find_blocks
+    from onnxqlimit.recon.runner import quantizer_owners
+
+    model = load_model(layers_in_subgraphs_model())
+    blocks = find_blocks(model, BlockConfig(granularity="layer"))
+    ops = [[model.graph.node[i].op_type for i in b.node_range] for b in blocks]
+    owner = next(b.index for b, names in zip(blocks, ops) if "If" in names)
+    assert "Conv" not in ops[owner] and any("Loop" in names for names in ops[owner + 1:])
+    points = place(model, QuantConfig.of(wbits=8, abits=8))
+    owners, on_entry = quantizer_owners(Mirror(model), blocks, points)
+    tuned_by_if = {p.tensor for p in owners[owner]}
+    assert {"tw", "ew", "feat", "then_out"} <= tuned_by_if
+    assert "feat" in on_entry and "lw" not in tuned_by_if

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import torch
 
+from ..graph import all_initializers, all_nodes
 from ..mirror import Mirror
 from ..qdq import (
     activation_storage_bytes,
@@ -57,7 +58,7 @@ class CostModel:
         self.shapes = {p.tensor: tuple(mirror.initializer(p.tensor).shape) for p in weights}
         self.numel = {t: int(np.prod(shape)) for t, shape in self.shapes.items()}
         self.layer_numel = {t: n for t, n in self.numel.items() if not self.points[t].table}  # what avg_wbits weighs
-        used = {t for n in model.graph.node for t in n.input}
+        used = {t for n in all_nodes(model.graph) for t in n.input}
         self.base_bytes = sum(stored_bytes(t) for t in model.graph.initializer
                               if t.name in used and t.name not in self.numel)
         self.nodes = _node_costs(mirror, self.points, quantizers, sample)
@@ -159,7 +160,7 @@ def _macs(node, a_shape: tuple, b_shape: tuple, out: tuple) -> int:
 def file_costs(model: onnx.ModelProto, cost_model: CostModel, plan: BitPlan) -> dict[str, float]:
     """Costs of an exported QDQ file: storage measured from its initializers, and the plan
     it records in its metadata checked against the integer types and ranges it holds."""
-    inits = {t.name: t for t in model.graph.initializer}
+    inits = {t.name: t for t in all_initializers(model.graph)}
     recorded = json.loads(next((p.value for p in model.metadata_props if p.key == "onnxqlimit.bit_plan"), "{}"))
     if recorded != dict(plan.bits):
         raise ValueError("the exported file's recorded bit plan differs from the plan")
@@ -176,5 +177,5 @@ def file_costs(model: onnx.ModelProto, cost_model: CostModel, plan: BitPlan) -> 
             raise ValueError(f"{tensor}: stored integers exceed the {spec.bits}-bit range")
     costs = cost_model.evaluate(plan)
     costs["planned_size_bytes"] = costs["size_bytes"]  # what the search counted; tests hold the two equal
-    costs["size_bytes"] = sum(stored_bytes(t) for t in model.graph.initializer)
+    costs["size_bytes"] = sum(stored_bytes(t) for t in all_initializers(model.graph))
     return costs

@@ -25,7 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import QLimitError
-from ..graph import consumers, node_attr
+from ..graph import all_nodes, consumers, node_attr, subgraphs
 from .config import Placement, QuantConfig, Widths
 from .fake_quant import QuantSpec
 from .runtimes import profile
@@ -99,13 +99,13 @@ def weight_axis(node: onnx.NodeProto, weight_index: int, rank: int) -> int:
 
 def check_patterns(model: onnx.ModelProto, placement: Placement, widths: Widths) -> None:
     """A --bits or --exclude pattern that matches no node is a typo, not a no-op: name it."""
-    names = [n for node in model.graph.node for n in (node.name, *node.output) if n]
+    names = [n for node in all_nodes(model.graph) for n in (node.name, *node.output) if n]
     for flag, patterns in (("--exclude", placement.exclude), ("--bits", [p for p, *_ in widths.overrides])):
         for pattern in patterns:
             if any(re.fullmatch(pattern, n) for n in names):
                 continue
             near = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
-            examples = near or [n.name for n in model.graph.node if n.op_type in COMPUTE_OPS][:3]
+            examples = near or [n.name for n in all_nodes(model.graph) if n.op_type in COMPUTE_OPS][:3]
             raise QLimitError(f"{flag} {pattern!r} matches no node name or output (patterns match whole names; "
                               f"{'near' if near else 'names look like'}: {', '.join(examples)})")
 
@@ -119,9 +119,16 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     float_weights = float_initializers(graph)
-    outputs = {o.name for o in graph.output}
+    # Layers inside If branches and Loop / Scan bodies are placed as any other (their weights
+    # were lifted to the main graph at load), at the uniform widths: the mixed-precision search
+    # varies the main graph's layers only. No Q/DQ on the model's outputs (a pair would rename
+    # them) nor on a subgraph's inputs (values its node hands in; the mirror hooks none);
+    # a subgraph's outputs may carry one: its node reads them by position.
+    nodes = list(all_nodes(graph))
+    inside = {n.name for n in nodes} - {n.name for n in graph.node}
+    outputs = {o.name for o in graph.output} | _subgraph_inputs(graph)
     float_acts = _float_tensors(model)
-    compute = [n for n in graph.node if n.op_type in COMPUTE_OPS and not _matches(placement.exclude, n)]
+    compute = [n for n in nodes if n.op_type in COMPUTE_OPS and not _matches(placement.exclude, n)]
     first, graph_last = _first_and_last(graph)
     last = graph_last if last is None else last
 
@@ -136,7 +143,7 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
             wbits, abits, fixed = max(wbits, widths.first_last_bits), max(abits, widths.first_last_bits), True
         if node.op_type in COMPUTE_OPS:  # the widths this op runs at on the runtime (runtimes.py)
             wbits, abits = runtime.fit(node.op_type, wbits, abits)
-        return wbits, abits, fixed
+        return wbits, abits, fixed or node.name in inside
 
     weights: dict[str, QuantPoint] = {}
     acts: dict[str, QuantPoint] = {}
@@ -185,14 +192,15 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
                 bits = next((w for p, w, _ in reversed(widths.overrides) if _matches([p], node)), widths.embedding_bits)
                 _add_table(node, inits, weights, scheme.weight_symmetric, bits, scheme.weight_block or TABLE_BLOCK)
 
-    for node in graph.node:
+    for node in nodes:
         if node.op_type in RECURRENT_OPS and not _matches(placement.exclude, node):
             wbits, _, fixed = bits_for(node)
-            _add_recurrent(node, inits, weights, scheme.weight_symmetric, wbits if fixed else max(wbits, 8))
+            named = any(_matches([pattern], node) for pattern, *_ in widths.overrides)
+            _add_recurrent(node, inits, weights, scheme.weight_symmetric, wbits if named else max(wbits, 8))
 
     extra_ops = {"Add"} if placement.quantize_add else set()
     extra_ops |= {"Concat"} if placement.quantize_concat else set()
-    for node in graph.node:
+    for node in nodes:
         if node.op_type in extra_ops and not _matches(placement.exclude, node):
             inputs = [t for t in node.input if t and t not in inits]
             if node.op_type == "Add" and len(inputs) < 2:
@@ -200,7 +208,8 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
             _, abits, fixed = bits_for(node)
             for tensor in inputs:
                 add_act(tensor, abits, fixed, node)
-    outputs_added = _fused_form(graph, compute, weights, acts, float_acts, runtime.fused_bits, scheme.act_symmetric)
+    outputs_added = _fused_form(graph, compute, weights, acts, float_acts, runtime.fused_bits, scheme.act_symmetric,
+                                outputs)
     points = list(weights.values()) + list(acts.values()) + outputs_added
     if runtime.quantize_all:
         points += _every_tensor(graph, points, float_acts, lambda node: bits_for(node)[1], placement.exclude,
@@ -260,7 +269,7 @@ def _int32_bias(weight: QuantPoint, act: QuantPoint, bias: str, inits, readers) 
 
 
 def _fused_form(graph, compute, weights: dict[str, QuantPoint], acts: dict[str, QuantPoint], float_acts: set[str],
-                fused_bits: tuple[int, ...], act_symmetric: bool) -> list[QuantPoint]:
+                fused_bits: tuple[int, ...], act_symmetric: bool, outputs: set[str]) -> list[QuantPoint]:
     """The form a runtime fuses into integer kernels (runtimes.py), for every compute node
     whose data inputs are all quantized at widths in `fused_bits`:
 
@@ -274,8 +283,7 @@ def _fused_form(graph, compute, weights: dict[str, QuantPoint], acts: dict[str, 
       of embedding cosine).
     """
     inits = {t.name: t for t in graph.initializer}
-    outputs = {o.name for o in graph.output}
-    readers = consumers(graph)
+    readers = consumers(graph, inside=True)
     added: dict[str, QuantPoint] = {}
     for node in compute:
         inputs = [t for t in node.input[:2] if t]
@@ -328,7 +336,7 @@ def _integer_elementwise(graph, acts: dict[str, QuantPoint], added: dict[str, Qu
     input is, in graph order so that chains qualify one by one. An Add or Mul of a constant
     stays float (its constant is no quantized tensor)."""
     inits = {t.name for t in graph.initializer}
-    for node in graph.node:
+    for node in all_nodes(graph):
         moves = _moves_values(node)
         if not (moves or node.op_type in INTEGER_ELEMENTWISE) or node.domain not in ("", "ai.onnx"):
             continue
@@ -448,10 +456,15 @@ def _add_recurrent(node: onnx.NodeProto, inits, weights: dict[str, QuantPoint], 
 
 
 def _float_tensors(model: onnx.ModelProto) -> set[str]:
-    """Tensors known (by shape inference) to be float; unknown types are left out."""
-    graph = model.graph
-    typed = list(graph.value_info) + list(graph.input) + list(graph.output)
+    """Tensors known (by shape inference) to be float, in subgraphs too; unknown types are left out."""
+    graphs = [model.graph] + [g for node in all_nodes(model.graph) for g in subgraphs(node)]
+    typed = [v for g in graphs for v in [*g.value_info, *g.input, *g.output]]
     return {v.name for v in typed if v.type.tensor_type.elem_type in _FLOAT_TYPES}
+
+
+def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
+    """The inputs of every graph inside the nodes of `graph`."""
+    return {v.name for node in all_nodes(graph) for g in subgraphs(node) for v in g.input}
 
 
 def _first_and_last(graph: onnx.GraphProto) -> tuple[set[str], set[str]]:

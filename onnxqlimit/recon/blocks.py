@@ -7,7 +7,9 @@ it, so a loss on that output is a faithful target, and a residual join stays ins
 block that opened it. We therefore cut where the *live set* is smallest.
 
 * A weight layer is a Conv/ConvTranspose/Gemm/MatMul that reads a float initializer
-  as its weight. Tensors downstream of a weight layer are *main-path*; everything else
+  as its weight, an LSTM/GRU/RNN with float initializer weights, or a control-flow node
+  (If, Loop, Scan) with such a layer in a subgraph: a recurrence or a branch is tuned as
+  one unit, its outputs (the hidden state, the branch's result) in the block's loss. Tensors downstream of a weight layer are *main-path*; everything else
   (graph inputs, masks, position ids, shape arithmetic) is *context*: it is identical
   in the float and the quantized model, so a block takes it as a fixed input, and it
   does not count as live (one exception below).
@@ -35,8 +37,8 @@ from itertools import accumulate
 import onnx
 
 from ..errors import QLimitError
-from ..graph import outer_names
-from ..quant.policy import float_initializers, weight_input
+from ..graph import all_nodes, outer_names, subgraphs
+from ..quant.policy import RECURRENT_OPS, float_initializers, weight_input
 
 GRANULARITIES = ("layer", "block", "stage", "net")
 # Ops that read only the shape of their input: their outputs do not move when values are quantized.
@@ -94,7 +96,7 @@ def _flow(model: onnx.ModelProto) -> _Flow:
     inits = {t.name for t in graph.initializer}
     float_inits = float_initializers(graph)
     nodes = list(graph.node)
-    is_layer = [weight_input(node, float_inits) is not None for node in nodes]
+    is_layer = [_is_layer(node, float_inits) for node in nodes]
     producer = {i.name: -1 for i in graph.input if i.name not in inits}
     last_reader: dict[str, int] = {}
     main: set[str] = set()
@@ -109,6 +111,13 @@ def _flow(model: onnx.ModelProto) -> _Flow:
                 producer[o] = index
     return _Flow(nodes, is_layer, producer, last_reader, main, _data_inputs(nodes, is_layer, producer, main),
                  {o.name for o in graph.output})
+
+
+def _is_layer(node: onnx.NodeProto, float_inits: set[str]) -> bool:
+    if node.op_type in RECURRENT_OPS:
+        return any(t in float_inits for t in node.input[1:3])
+    return weight_input(node, float_inits) is not None or \
+        any(_is_layer(inner, float_inits) for sub in subgraphs(node) for inner in all_nodes(sub))
 
 
 def _data_inputs(nodes: list[onnx.NodeProto], is_layer: list[bool], producer: dict[str, int],

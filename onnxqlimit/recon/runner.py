@@ -64,6 +64,9 @@ def quantizer_owners(mirror: Mirror, blocks: list[Block], points: list[QuantPoin
     for i in range(len(mirror.nodes)):
         for name in mirror.reads(i):  # (a control-flow node's subgraphs read too)
             readers.setdefault(name, set()).add(block_at(i))
+        for name in mirror.inside(i):  # what a branch or loop body computes belongs to the node's block
+            readers.setdefault(name, set()).add(block_at(i))
+            produced_in.setdefault(name, block_at(i))
     owners: dict[int, list[QuantPoint]] = {}
     on_entry: set[str] = set()
     for point in points:
