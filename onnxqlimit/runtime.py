@@ -21,6 +21,7 @@ import onnx
 import onnxruntime as ort
 
 from .data import model_feeds
+from .graph import all_nodes
 
 # Compute kernels of onnxruntime's CPU provider, in the optimized graph (any domain).
 INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "MatMulNBits", "ConvInteger",
@@ -75,14 +76,14 @@ def cpu_session(model: onnx.ModelProto | str | Path | bytes, threads: int = 0,
 
 
 def compute_kernels(path: str | Path | bytes, threads: int = 0) -> tuple[Counter, list[str]]:
-    """Compute op types in the graph onnxruntime optimizes `path` into, and the names of the
-    ones that stay float."""
+    """Compute op types in the graph onnxruntime optimizes `path` into (inside If branches and
+    loop bodies too), and the names of the ones that stay float."""
     with tempfile.TemporaryDirectory() as folder:
         optimized = str(Path(folder) / "optimized.onnx")
         cpu_session(path, threads, optimized)
-        graph = onnx.load(optimized, load_external_data=False).graph
-    kinds = Counter(n.op_type for n in graph.node if n.op_type in INTEGER_KERNELS + FLOAT_KERNELS)
-    floats = [n.name or n.output[0] for n in graph.node if n.op_type in FLOAT_KERNELS]
+        nodes = list(all_nodes(onnx.load(optimized, load_external_data=False).graph))
+    kinds = Counter(n.op_type for n in nodes if n.op_type in INTEGER_KERNELS + FLOAT_KERNELS)
+    floats = [n.name or n.output[0] for n in nodes if n.op_type in FLOAT_KERNELS]
     return kinds, floats
 
 
