@@ -169,8 +169,8 @@ class Mirror(nn.Module):
         return env
 
     def initializers_read(self, node_range: Iterable[int]) -> list[str]:
-        """The initializers that the given nodes read."""
-        return list(dict.fromkeys(n for i in node_range for n in self.nodes[i].inputs if n in self._keys))
+        """The initializers that the given nodes (their subgraphs too) read."""
+        return list(dict.fromkeys(n for i in node_range for n in self.reads(i) if n in self._keys))
 
     def value(self, env: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         """env[name], an initializer (hook applied) being fetched into env on first use."""
