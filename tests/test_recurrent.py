@@ -154,3 +154,25 @@ def test_a_model_with_a_recurrent_layer_quantizes_around_it_and_its_weights(tmp_
     assert str(inits[made[made["conv"].input[1]].input[0]].dtype) == "int4"  # the Conv at 4 bits
     session = ort_session(result.output_path.read_bytes())
     assert session.run(None, {"x": calib["x"][:2]})[0].shape == (2, 3)
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_a_recurrent_layer_is_a_block_of_its_own_that_tunes_its_weights(op):
+    """At one layer per block the recurrence is a unit of its own, between the Conv's block
+    and the Gemm's: its final hidden state is the block's output (the loss), and its W and R
+    are the quantizers that block tunes."""
+    from onnxqlimit.load import load_model
+    from onnxqlimit.mirror import Mirror
+    from onnxqlimit.quant.config import QuantConfig
+    from onnxqlimit.quant.policy import place
+    from onnxqlimit.recon.blocks import BlockConfig, find_blocks
+    from onnxqlimit.recon.runner import quantizer_owners
+
+    model = load_model(_conv_recurrent_model(op))
+    blocks = find_blocks(model, BlockConfig(granularity="layer"))
+    kinds = [[model.graph.node[i].op_type for i in b.node_range] for b in blocks]
+    owner = next(i for i, names in enumerate(kinds) if op in names)
+    assert "Conv" not in kinds[owner] and "Gemm" not in kinds[owner] and len(blocks) == 3
+    assert blocks[owner].loss_outputs == ["last"]  # the final hidden state (its Squeeze joins the block)
+    owners, _ = quantizer_owners(Mirror(model), blocks, place(model, QuantConfig.of(wbits=8, abits=8)))
+    assert {"W", "R"} == {p.tensor for p in owners[owner] if p.kind == "weight"}

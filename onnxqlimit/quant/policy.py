@@ -126,7 +126,7 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
     # a subgraph's outputs may carry one: its node reads them by position.
     nodes = list(all_nodes(graph))
     inside = {n.name for n in nodes} - {n.name for n in graph.node}
-    outputs = {o.name for o in graph.output} | _subgraph_inputs(graph)
+    no_pair = {o.name for o in graph.output} | _subgraph_inputs(graph)
     float_acts = _float_tensors(model)
     compute = [n for n in nodes if n.op_type in COMPUTE_OPS and not _matches(placement.exclude, n)]
     first, graph_last = _first_and_last(graph)
@@ -149,7 +149,7 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
     acts: dict[str, QuantPoint] = {}
 
     def add_act(tensor: str, bits: int, fixed: bool, node) -> None:
-        if tensor in inits or tensor in outputs or tensor not in float_acts:
+        if tensor in inits or tensor in no_pair or tensor not in float_acts:
             return
         point = acts.get(tensor)
         if point is None:
@@ -209,7 +209,7 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
             for tensor in inputs:
                 add_act(tensor, abits, fixed, node)
     outputs_added = _fused_form(graph, compute, weights, acts, float_acts, runtime.fused_bits, scheme.act_symmetric,
-                                outputs)
+                                no_pair)
     points = list(weights.values()) + list(acts.values()) + outputs_added
     if runtime.quantize_all:
         points += _every_tensor(graph, points, float_acts, lambda node: bits_for(node)[1], placement.exclude,
@@ -271,7 +271,8 @@ def _int32_bias(weight: QuantPoint, act: QuantPoint, bias: str, inits, readers) 
 def _fused_form(graph, compute, weights: dict[str, QuantPoint], acts: dict[str, QuantPoint], float_acts: set[str],
                 fused_bits: tuple[int, ...], act_symmetric: bool, outputs: set[str]) -> list[QuantPoint]:
     """The form a runtime fuses into integer kernels (runtimes.py), for every compute node
-    whose data inputs are all quantized at widths in `fused_bits`:
+    whose data inputs are all quantized at widths in `fused_bits` (`outputs`: tensors that
+    take no Q/DQ pair: the model's outputs, subgraphs' inputs):
 
     - its float bias as int32 (recorded on the weight's point): a Conv/ConvTranspose/Gemm's
       C, a MatMul's constant bias Add;
