@@ -84,13 +84,16 @@ def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
             yield from all_nodes(sub)
 
 
+def all_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """The graph and, depth first, every graph nested inside its nodes."""
+    return [graph] + [g for node in graph.node for sub in subgraphs(node) for g in all_graphs(sub)]
+
+
 def all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """The initializers of the graph and of the graphs inside its nodes (an exported layer
     inside an If branch keeps its integer weight there)."""
-    yield from graph.initializer
-    for node in all_nodes(graph):
-        for sub in subgraphs(node):
-            yield from sub.initializer
+    for g in all_graphs(graph):
+        yield from g.initializer
 
 
 def outer_names(node: onnx.NodeProto) -> list[str]:

@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 from . import weights
 from .errors import QLimitError
-from .graph import all_nodes, consumers, node_attr, subgraphs, topological_sort
+from .graph import all_graphs, all_nodes, consumers, node_attr, topological_sort
 from .weights import TWO_GB
 
 log = logging.getLogger("onnxqlimit")
@@ -261,7 +261,7 @@ def constants_to_initializers(graph: onnx.GraphProto) -> int:
     uses (sibling subgraphs may reuse a name), stays where it is.
     """
     moved = _lift(graph, graph, {o.name for o in graph.output})
-    inner = [sub for node in graph.node for top in subgraphs(node) for sub in _graphs(top)]
+    inner = all_graphs(graph)[1:]
     names = Counter(o for sub in inner for n in sub.node for o in n.output) + \
         Counter(t.name for sub in inner for t in [*sub.initializer, *sub.input])
     main_scope = {t.name for t in graph.initializer} | {v.name for v in graph.input} | \
@@ -270,11 +270,6 @@ def constants_to_initializers(graph: onnx.GraphProto) -> int:
     for sub in inner:
         moved += _lift_from_subgraph(graph, sub, {o.name for o in sub.output} | clash)
     return moved
-
-
-def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
-    """`graph` and every graph nested in it."""
-    return [graph] + [g for node in graph.node for sub in subgraphs(node) for g in _graphs(sub)]
 
 
 def _lift(graph: onnx.GraphProto, target: onnx.GraphProto, keep: set[str]) -> int:

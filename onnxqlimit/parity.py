@@ -18,7 +18,7 @@ import torch
 
 from .data import batches, fixed_batch_size
 from .errors import QLimitError
-from .graph import all_nodes, subgraphs
+from .graph import all_graphs
 from .mirror import Mirror
 from .runtime import Session
 from .weights import on_disk
@@ -184,8 +184,8 @@ def check_integers(qmodel: Path, quantizers: Mapping, tensors: list[str],
 
 
 def _elem_types(graph: onnx.GraphProto) -> dict[str, int]:
-    graphs = [graph] + [g for node in all_nodes(graph) for g in subgraphs(node)]
-    return {v.name: v.type.tensor_type.elem_type for g in graphs for v in [*g.value_info, *g.input, *g.output]}
+    return {v.name: v.type.tensor_type.elem_type for g in all_graphs(graph)
+            for v in [*g.value_info, *g.input, *g.output]}
 
 
 def _carry_out(graph: onnx.GraphProto, names: set[str], types: dict[str, int]) -> dict[str, str]:

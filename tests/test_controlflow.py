@@ -248,3 +248,38 @@ def test_a_branch_is_one_block_owning_the_quantizers_inside_it():
     tuned_by_if = {p.tensor for p in owners[owner]}
     assert {"tw", "ew", "feat", "then_out"} <= tuned_by_if
     assert "feat" in on_entry and "lw" not in tuned_by_if
+
+
+def test_constants_inside_branches_move_to_the_main_graph_unless_their_name_is_reused():
+    """Both branches of this If hold a Constant named `k` (sibling scopes may reuse a name):
+    those stay where they are; the then-branch's `w` is lifted and read from the outer scope.
+    The loaded model still passes the checker and computes what the original did."""
+    from onnxqlimit.load import load_model
+
+    def branch(name, scale):
+        return helper.make_graph(
+            [helper.make_node("Constant", [], ["k"], value=onnx.numpy_helper.from_array(np.array(scale, np.float32))),
+             *([helper.make_node("Constant", [], ["w"], value=onnx.numpy_helper.from_array(
+                 np.full((3, 3), 0.5, np.float32)))] if name == "then" else []),
+             helper.make_node("Mul", ["x", "k"], [f"{name}_scaled"]),
+             helper.make_node("MatMul", [f"{name}_scaled", "w" if name == "then" else "v"], [f"{name}_out"])],
+            name, [], [tensor(f"{name}_out", [2, 3])])
+
+    model = make([helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+                  helper.make_node("Greater", ["s", "zero"], ["c"]),
+                  helper.make_node("If", ["c"], ["y"], then_branch=branch("then", 2.0), else_branch=branch("else", 3.0))],
+                 [tensor("x", [2, 3])], [tensor("y", [2, 3])],
+                 [("zero", np.array(0, np.float32)), ("v", np.full((3, 3), 0.25, np.float32))])
+    loaded = load_model(model)
+    onnx.checker.check_model(loaded)
+    assert "w" in {t.name for t in loaded.graph.initializer}
+    node = next(n for n in loaded.graph.node if n.op_type == "If")
+    for attr in node.attribute:
+        assert [n.op_type for n in attr.g.node if n.op_type == "Constant"] == ["Constant"]  # `k` stays
+    for sign in (1, -1):
+        x = np.random.default_rng(0).normal(size=(2, 3)).astype(np.float32) ** 2 * sign
+        want = ort_session(model.SerializeToString()).run(None, {"x": x})[0]
+        got = ort_session(loaded.SerializeToString()).run(None, {"x": x})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        with torch.no_grad():
+            np.testing.assert_allclose(Mirror(loaded).run({"x": torch.from_numpy(x)})["y"].numpy(), want, rtol=1e-5)

@@ -25,7 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import QLimitError
-from ..graph import all_nodes, consumers, node_attr, subgraphs
+from ..graph import all_graphs, all_nodes, consumers, node_attr
 from .config import Placement, QuantConfig, Widths
 from .fake_quant import QuantSpec
 from .runtimes import profile
@@ -458,14 +458,13 @@ def _add_recurrent(node: onnx.NodeProto, inits, weights: dict[str, QuantPoint], 
 
 def _float_tensors(model: onnx.ModelProto) -> set[str]:
     """Tensors known (by shape inference) to be float, in subgraphs too; unknown types are left out."""
-    graphs = [model.graph] + [g for node in all_nodes(model.graph) for g in subgraphs(node)]
-    typed = [v for g in graphs for v in [*g.value_info, *g.input, *g.output]]
+    typed = [v for g in all_graphs(model.graph) for v in [*g.value_info, *g.input, *g.output]]
     return {v.name for v in typed if v.type.tensor_type.elem_type in _FLOAT_TYPES}
 
 
 def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
     """The inputs of every graph inside the nodes of `graph`."""
-    return {v.name for node in all_nodes(graph) for g in subgraphs(node) for v in g.input}
+    return {v.name for g in all_graphs(graph)[1:] for v in g.input}
 
 
 def _first_and_last(graph: onnx.GraphProto) -> tuple[set[str], set[str]]:
