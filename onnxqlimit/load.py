@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from . import weights
 from .errors import QLimitError
-from .graph import all_graphs, all_nodes, consumers, node_attr, topological_sort
+from .graph import all_graphs, all_nodes, consumers, node_attr, subgraphs, topological_sort
 from .weights import TWO_GB
 
 log = logging.getLogger("onnxqlimit")
@@ -99,6 +100,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, config: LoadConfig |
     elif config.simplify:
         model = _simplify(model)
         constants_to_initializers(model.graph)
+    fold_subgraph_constants(model)
     if config.fold_batchnorm:
         fold_batchnorm(model.graph)
     _name_nodes(model.graph)
@@ -267,9 +269,7 @@ def constants_to_initializers(graph: onnx.GraphProto) -> int:
     main_scope = {t.name for t in graph.initializer} | {v.name for v in graph.input} | \
         {o for n in graph.node for o in n.output}
     clash = {name for name, count in names.items() if count > 1 or name in main_scope}
-    for sub in inner:
-        moved += _lift_from_subgraph(graph, sub, {o.name for o in sub.output} | clash)
-    return moved
+    return moved + sum(_lift_from_subgraph(graph, sub, clash) for node in graph.node for sub in subgraphs(node))
 
 
 def _lift(graph: onnx.GraphProto, target: onnx.GraphProto, keep: set[str]) -> int:
@@ -288,7 +288,10 @@ def _lift(graph: onnx.GraphProto, target: onnx.GraphProto, keep: set[str]) -> in
     return moved
 
 
-def _lift_from_subgraph(main: onnx.GraphProto, sub: onnx.GraphProto, keep: set[str]) -> int:
+def _lift_from_subgraph(main: onnx.GraphProto, sub: onnx.GraphProto, clash: set[str]) -> int:
+    """Lift `sub`'s constants, then those of the graphs inside it. In that order: rewriting a
+    graph's node list copies its nodes, so subgraphs are taken from the list as it now is."""
+    keep = clash | {o.name for o in sub.output}
     moved = _lift(sub, main, keep)
     lifted = [t for t in sub.initializer if t.name not in keep]
     if lifted:
@@ -296,7 +299,52 @@ def _lift_from_subgraph(main: onnx.GraphProto, sub: onnx.GraphProto, keep: set[s
         kept = [t for t in sub.initializer if t.name in keep]
         del sub.initializer[:]
         sub.initializer.extend(kept)
-    return moved + len(lifted)
+    return moved + len(lifted) + sum(_lift_from_subgraph(main, inner, clash)
+                                     for node in sub.node for inner in subgraphs(node))
+
+
+# Ops that only reshape, select or convert constants: exporters put them between a weight and
+# its layer inside subgraphs (Unsqueeze of an LSTM's W to add the direction axis), where
+# onnxsim does not fold; folded, the layer reads an initializer the policy can quantize.
+_FOLDABLE = ("Unsqueeze", "Squeeze", "Reshape", "Transpose", "Concat", "Split", "Slice", "Gather", "Cast",
+             "Identity", "Flatten", "Expand", "Tile")
+
+
+def fold_subgraph_constants(model: onnx.ModelProto) -> int:
+    """Evaluate (with onnx's reference implementation) the _FOLDABLE nodes inside subgraphs
+    whose inputs are all main-graph initializers, as main-graph initializers of their output
+    names; returns how many. Chains fold one link at a time until none is left."""
+    graph = model.graph
+    inner = all_graphs(graph)[1:]
+    reused = Counter(o for sub in inner for n in sub.node for o in n.output)
+    folded = 0
+    for sub in inner:
+        known = {t.name for t in graph.initializer}
+        keep = {o.name for o in sub.output}
+        kept = []
+        for node in sub.node:
+            outputs = [o for o in node.output if o]
+            if (node.op_type not in _FOLDABLE or node.domain not in ("", "ai.onnx")
+                    or not all(t in known for t in node.input if t)
+                    or any(o in keep or reused[o] > 1 for o in outputs)):
+                kept.append(node)
+                continue
+            inits = {t.name: t for t in graph.initializer if t.name in node.input}
+            evaluated = _evaluate(node, inits, model.opset_import)
+            graph.initializer.extend(numpy_helper.from_array(v, o) for o, v in zip(node.output, evaluated) if o)
+            known.update(outputs)
+            folded += 1
+        if len(kept) != len(sub.node):
+            del sub.node[:]
+            sub.node.extend(kept)
+    return folded
+
+
+def _evaluate(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], opsets) -> list[np.ndarray]:
+    graph = onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_empty_tensor_value_info(o)
+                                                        for o in node.output if o], list(inits.values()))
+    model = onnx.helper.make_model(graph, opset_imports=opsets)
+    return [np.asarray(v) for v in ReferenceEvaluator(model).run(None, {})]
 
 
 # ------------------------------------------------------------------ batch-norm folding

@@ -283,3 +283,66 @@ def test_constants_inside_branches_move_to_the_main_graph_unless_their_name_is_r
         np.testing.assert_allclose(got, want, rtol=1e-6)
         with torch.no_grad():
             np.testing.assert_allclose(Mirror(loaded).run({"x": torch.from_numpy(x)})["y"].numpy(), want, rtol=1e-5)
+
+
+def test_constants_of_nested_branches_are_lifted_once_and_weights_behind_unsqueeze_folded():
+    """An If inside an If branch whose LSTM reads W and R through Unsqueeze nodes of Constants
+    (as torch exports an LSTM inside control flow): after loading, the Constants are main-graph
+    initializers (each once: the model stays in SSA form), the Unsqueezes are folded into
+    initializers of their output names, and the policy quantizes W and R."""
+    from onnxqlimit.load import load_model
+    from onnxqlimit.quant.config import QuantConfig
+    from onnxqlimit.quant.policy import place
+
+    rng = np.random.default_rng(7)
+
+    def constant(name, *shape):
+        return helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(
+            rng.normal(0, 0.4, shape).astype(np.float32), name))
+
+    inner = helper.make_graph(
+        [constant("w2d", 12, 2), constant("r2d", 12, 3),
+         helper.make_node("Unsqueeze", ["w2d", "axis0"], ["w3d"]), helper.make_node("Unsqueeze", ["r2d", "axis0"], ["r3d"]),
+         helper.make_node("LSTM", ["x", "w3d", "r3d"], ["", "h"], hidden_size=3)],
+        "inner_then", [], [tensor("h", [1, None, 3])])
+    inner_else = helper.make_graph([helper.make_node("ReduceMean", ["x"], ["m"], axes=[0], keepdims=1),
+                                    helper.make_node("MatMul", ["m", "proj"], ["p"])], "inner_else", [],
+                                   [tensor("p", [1, None, 3])])
+    outer = helper.make_graph([helper.make_node("If", ["c"], ["inner_out"], then_branch=inner, else_branch=inner_else)],
+                              "outer_then", [], [tensor("inner_out", [1, None, 3])])
+    outer_else = helper.make_graph([helper.make_node("ReduceMax", ["x"], ["mx"], axes=[0], keepdims=1),
+                                    helper.make_node("MatMul", ["mx", "proj"], ["q"])], "outer_else", [],
+                                   [tensor("q", [1, None, 3])])
+    model = make([helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+                  helper.make_node("Greater", ["s", "zero"], ["c"]),
+                  helper.make_node("If", ["c"], ["y"], then_branch=outer, else_branch=outer_else)],
+                 [tensor("x", [4, "b", 2])], [tensor("y", [1, "b", 3])],
+                 [("zero", np.array(0, np.float32)), ("axis0", np.array([0], np.int64)),
+                  ("proj", rng.normal(size=(2, 3)).astype(np.float32))])
+    loaded = load_model(model)
+    onnx.checker.check_model(loaded, full_check=True)
+    names = [t.name for t in loaded.graph.initializer]
+    assert {"w2d", "r2d", "w3d", "r3d"} <= set(names) and len(names) == len(set(names))
+    weights = {p.tensor for p in place(loaded, QuantConfig.of(wbits=8, abits=8)) if p.kind == "weight"}
+    assert {"w3d", "r3d", "proj"} <= weights
+    x = np.abs(np.random.default_rng(0).normal(size=(4, 2, 2)).astype(np.float32))
+    for sample in (x, -x):
+        want = ort_session(model.SerializeToString()).run(None, {"x": sample})[0]
+        np.testing.assert_allclose(ort_session(loaded.SerializeToString()).run(None, {"x": sample})[0], want, rtol=1e-6)
+        with torch.no_grad():
+            got = Mirror(loaded).run({"x": torch.from_numpy(sample)})["y"].numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_gradient_of_sqrt_at_zero_is_zero_not_infinite():
+    """A magnitude sqrt(re^2 + im^2) of a silent (quantized to 0) frame must not turn a
+    reconstruction into NaN; the values stay torch.sqrt's."""
+    from onnxqlimit.ops import get_converter
+    from onnxqlimit.ops.registry import Node
+
+    sqrt = get_converter("Sqrt", "")(Node("Sqrt", "s", ("x",), ("y",)))
+    x = torch.tensor([0.0, 0.25, 4.0], requires_grad=True)
+    y = sqrt(x)
+    y.sum().backward()
+    assert torch.equal(y.detach(), torch.sqrt(x.detach()))
+    assert torch.allclose(x.grad, torch.tensor([0.0, 1.0, 0.25]))

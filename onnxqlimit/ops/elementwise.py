@@ -78,8 +78,25 @@ def _min(node: Node):
     return _variadic(torch.minimum)
 
 
+class _Sqrt(torch.autograd.Function):
+    """torch.sqrt whose gradient at 0 is 0, not infinity: a magnitude sqrt(re^2 + im^2) of a
+    quantized silent frame is exactly 0, and one infinite gradient turns a whole block's
+    reconstruction into NaN (Silero VAD's STFT). The values are torch.sqrt's."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.sqrt(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return torch.where(y > 0, grad / (2 * y), torch.zeros_like(grad))
+
+
 _UNARY = {
-    "Sqrt": torch.sqrt,
+    "Sqrt": _Sqrt.apply,
     "Exp": torch.exp,
     "Log": torch.log,
     "Erf": torch.erf,
