@@ -346,3 +346,31 @@ def test_the_gradient_of_sqrt_at_zero_is_zero_not_infinite():
     y.sum().backward()
     assert torch.equal(y.detach(), torch.sqrt(x.detach()))
     assert torch.allclose(x.grad, torch.tensor([0.0, 1.0, 0.25]))
+
+
+def test_first_and_last_layers_are_found_inside_branches_when_the_main_graph_has_none():
+    """Every layer of this model sits in an If branch (as in a VAD that branches on the sample
+    rate first): the first and last layers of each branch keep 8 bits at W4A4, the middle one
+    of the then-branch takes 4."""
+    from onnxqlimit.load import load_model
+    from onnxqlimit.quant.config import QuantConfig
+    from onnxqlimit.quant.policy import place
+
+    rng = np.random.default_rng(8)
+    then = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["t1"], name="then_first"), helper.make_node("Relu", ["t1"], ["t1r"]),
+         helper.make_node("Conv", ["t1r", "w2"], ["t2"], name="then_middle"), helper.make_node("Relu", ["t2"], ["t2r"]),
+         helper.make_node("Conv", ["t2r", "w3"], ["t3"], name="then_last")], "then", [], [tensor("t3", ["b", 4, 10])])
+    other = helper.make_graph([helper.make_node("Conv", ["x", "w4"], ["e1"], name="else_only", pads=[2, 2])], "else", [],
+                              [tensor("e1", ["b", 4, 14])])
+    model = make([helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0),
+                  helper.make_node("Greater", ["m", "zero"], ["c"]),
+                  helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
+                 [tensor("x", ["b", 2, 16])], [tensor("y", ["b", 4, None])],
+                 [("zero", np.array(0, np.float32)), ("w1", rng.normal(size=(4, 2, 3)).astype(np.float32)),
+                  ("w2", rng.normal(size=(4, 4, 2)).astype(np.float32)),
+                  ("w3", rng.normal(size=(4, 4, 2)).astype(np.float32)),
+                  ("w4", rng.normal(size=(4, 2, 7)).astype(np.float32))])
+    points = {p.tensor: p for p in place(load_model(model), QuantConfig.of(wbits=4, abits=4))}
+    assert {name: points[name].spec.bits for name in ("w1", "w2", "w3", "w4")} == {"w1": 8, "w2": 4, "w3": 8, "w4": 8}
+    assert points["x"].spec.bits == 8 and points["t2r"].spec.bits == 8 and points["t1r"].spec.bits == 4

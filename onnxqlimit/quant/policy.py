@@ -25,7 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import QLimitError
-from ..graph import all_graphs, all_nodes, consumers, node_attr
+from ..graph import all_graphs, all_nodes, consumers, node_attr, subgraphs
 from .config import Placement, QuantConfig, Widths
 from .fake_quant import QuantSpec
 from .runtimes import profile
@@ -130,7 +130,8 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
     float_acts = _float_tensors(model)
     compute = [n for n in nodes if n.op_type in COMPUTE_OPS and not _matches(placement.exclude, n)]
     first, graph_last = _first_and_last(graph)
-    last = graph_last if last is None else last
+    # (`last` from reach.last_layers knows the main graph's layers only)
+    last = graph_last if last is None else last | (graph_last & inside)
 
     runtime = profile(config.runtime)
 
@@ -468,18 +469,36 @@ def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
 
 
 def _first_and_last(graph: onnx.GraphProto) -> tuple[set[str], set[str]]:
-    """Compute nodes with no compute node before them / after them on any path."""
+    """Compute nodes with no compute node before them / after them on any path, through
+    subgraphs too (a model whose layers all sit inside If branches has its first and last)."""
+    flow = _data_flow(graph)
     after_compute: dict[str, bool] = {}  # tensor -> some compute node lies upstream
     first = set()
-    for node in graph.node:
-        upstream = any(after_compute.get(t, False) for t in node.input)
-        if node.op_type in COMPUTE_OPS and not upstream:
-            first.add(node.name)
-        for out in node.output:
-            after_compute[out] = upstream or node.op_type in COMPUTE_OPS
-    nodes = [(n.name, n.op_type, n.input, n.output) for n in graph.node]
-    last = {n.name for n in graph.node if n.op_type in COMPUTE_OPS} - feeding_compute(nodes)
+    for name, op_type, inputs, outputs in flow:
+        upstream = any(after_compute.get(t, False) for t in inputs)
+        if op_type in COMPUTE_OPS and not upstream:
+            first.add(name)
+        for out in outputs:  # (both branches of an If write its outputs)
+            after_compute[out] = after_compute.get(out, False) or upstream or op_type in COMPUTE_OPS
+    last = {name for name, op_type, *_ in flow if op_type in COMPUTE_OPS} - feeding_compute(flow)
     return first, last
+
+
+def _data_flow(graph: onnx.GraphProto) -> list[tuple[str, str, list[str], list[str]]]:
+    """(name, op_type, inputs, outputs) of the graph's nodes in order, a control-flow node
+    replaced by its subgraphs' nodes between two links: its inputs into each subgraph's
+    inputs, and each subgraph's outputs into its outputs (all to all: an over-approximation
+    of the positional mapping). Subgraph nodes read outer tensors by name."""
+    flow = []
+    for node in graph.node:
+        subs = subgraphs(node)
+        if not subs:
+            flow.append((node.name, node.op_type, list(node.input), list(node.output)))
+        for sub in subs:
+            flow.append(("", "Identity", [t for t in node.input if t], [v.name for v in sub.input]))
+            flow += _data_flow(sub)
+            flow.append(("", "Identity", [o.name for o in sub.output], [o for o in node.output if o]))
+    return flow
 
 
 def feeding_compute(nodes: Sequence[tuple[str, str, Sequence[str], Sequence[str]]],
