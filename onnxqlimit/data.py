@@ -99,8 +99,11 @@ def model_feeds(batch: Mapping, declared: Mapping[str, list]) -> dict:
 
 
 def batch_axis(shape: list) -> int | None:
-    """The axis a batch runs along: the first dimension the model leaves free (None: all fixed)."""
-    return next((i for i, d in enumerate(shape) if not isinstance(d, int) or d <= 0), None)
+    """The axis a batch runs along: the first dimension the model leaves free; where it fixes
+    them all, the first of size 1 (a state [2, 1, 128] of a model exported at batch 1: the
+    mirror runs any batch there, onnxruntime one sample at a time); else None."""
+    free = next((i for i, d in enumerate(shape) if not isinstance(d, int) or d <= 0), None)
+    return free if free is not None else next((i for i, d in enumerate(shape) if d == 1), None)
 
 
 def declared_shapes(model: onnx.ModelProto) -> dict[str, list]:

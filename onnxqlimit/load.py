@@ -147,7 +147,7 @@ def _name_new_initializers(graph: onnx.GraphProto, original: set[str]) -> None:
     """Initializers made while loading (constants folded by onnxsim, BatchNorm folded into a
     convolution) get generated names such as `_v_81` that map back to nothing in the user's
     model: name each after the node that reads it (`<node>.weight`, `<node>.bias`)."""
-    readers = consumers(graph)
+    readers = consumers(graph, inside=True)  # (one read inside a branch too: that reader keeps the old name)
     inputs = {v.name for v in graph.input}
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | \
         inputs | {v.name for v in graph.output}

@@ -111,9 +111,10 @@ def vad_model(sr_input: bool = True) -> onnx.ModelProto:
     return make(nodes, inputs, [tensor("y", ["b", 3])], inits)
 
 
-def stateful_model() -> onnx.ModelProto:
+def stateful_model(batch: str | int = "b") -> onnx.ModelProto:
     """A streaming step: x [batch, 4, 40] and state [2, batch, 6] (the LSTM's h and c) in;
-    y [batch, 3] and the next state [2, batch, 6] out."""
+    y [batch, 3] and the next state [2, batch, 6] out. batch=1: every dimension fixed, as a
+    model exported at batch 1 declares them."""
     rng = np.random.default_rng(5)
     hidden = 6
 
@@ -131,8 +132,8 @@ def stateful_model() -> onnx.ModelProto:
     inits = [init("cw", 8, 4, 3), init("cb", 8), init("W", 1, 4 * hidden, 8), init("R", 1, 4 * hidden, hidden),
              init("B", 1, 8 * hidden), init("fw", 3, hidden), init("fb", 3), ("halves", np.array([1, 1], np.int64)),
              ("axes0", np.array([0], np.int64))]
-    return make(nodes, [tensor("x", ["b", 4, 40]), tensor("state", [2, "b", hidden])],
-                [tensor("y", ["b", 3]), tensor("state_out", [2, "b", hidden])], inits)
+    return make(nodes, [tensor("x", [batch, 4, 40]), tensor("state", [2, batch, hidden])],
+                [tensor("y", [batch, 3]), tensor("state_out", [2, batch, hidden])], inits)
 
 
 def layers_in_subgraphs_model() -> onnx.ModelProto:

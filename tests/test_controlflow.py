@@ -112,6 +112,26 @@ def test_a_state_input_batched_along_a_later_axis_calibrates_from_stacked_sample
     assert y.shape == (3, 3) and state_out.shape == (2, 3, 6)
 
 
+def test_a_state_of_a_model_exported_at_batch_1_joins_samples_along_its_axis_of_size_1(tmp_path):
+    """Every dimension fixed (x [1, 4, 40], state [2, 1, 6]): stacked samples are joined along
+    the state's axis of size 1 in the mirror, and onnxruntime runs them one at a time."""
+    from onnxqlimit import QuantConfig, ReconConfig, RunOptions, quantize
+    from onnxqlimit.data import model_feeds
+    from tests.onnx_builders import stateful_model
+
+    source = tmp_path / "step.onnx"
+    onnx.save(stateful_model(batch=1), str(source))
+    rng = np.random.default_rng(2)
+    calib = {"x": rng.normal(size=(16, 4, 40)).astype(np.float32),
+             "state": rng.normal(0, 0.3, size=(16, 2, 1, 6)).astype(np.float32)}
+    joined = model_feeds({"x": calib["x"][:5], "state": calib["state"][:5]}, {"x": [1, 4, 40], "state": [2, 1, 6]})
+    assert joined["state"].shape == (2, 5, 6)
+    np.testing.assert_array_equal(joined["state"][:, 3], calib["state"][3, :, 0])
+    result = quantize(str(source), tmp_path / "q.onnx", calib, QuantConfig.of(wbits=8, abits=8),
+                      RunOptions(recon=ReconConfig(method="rtn", calib_size=16, batch_size=8), progress=False))
+    assert all(p["within_one_step"] > 0.99 for p in result.report.parity)
+
+
 def test_a_branch_no_calibration_sample_takes_is_named(tmp_path, caplog):
     import logging
 
@@ -374,3 +394,25 @@ def test_first_and_last_layers_are_found_inside_branches_when_the_main_graph_has
     points = {p.tensor: p for p in place(load_model(model), QuantConfig.of(wbits=4, abits=4))}
     assert {name: points[name].spec.bits for name in ("w1", "w2", "w3", "w4")} == {"w1": 8, "w2": 4, "w3": 8, "w4": 8}
     assert points["x"].spec.bits == 8 and points["t2r"].spec.bits == 8 and points["t1r"].spec.bits == 4
+
+
+def test_a_main_graph_constant_also_read_inside_a_branch_keeps_one_name_for_both():
+    """Loading names a lifted constant after its single reader; a constant read once in the
+    main graph and again inside a branch has two readers and keeps its name (renaming it for
+    the main reader left the branch reading a tensor that no longer existed)."""
+    from onnxqlimit.load import load_model
+
+    then = helper.make_graph([helper.make_node("Add", ["x", "k"], ["t"])], "then", [], [tensor("t", [2, 3])])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [], [tensor("e", [2, 3])])
+    model = make([helper.make_node("Constant", [], ["k"], value=onnx.numpy_helper.from_array(np.float32(2.0))),
+                  helper.make_node("Mul", ["x", "k"], ["xk"]),
+                  helper.make_node("ReduceSum", ["xk"], ["s"], keepdims=0),
+                  helper.make_node("Greater", ["s", "zero"], ["c"]),
+                  helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
+                 [tensor("x", [2, 3])], [tensor("y", [2, 3])], [("zero", np.array(0, np.float32))])
+    loaded = load_model(model)
+    onnx.checker.check_model(loaded, full_check=True)
+    x = np.abs(np.random.default_rng(0).normal(size=(2, 3))).astype(np.float32)
+    want = ort_session(model.SerializeToString()).run(None, {"x": x})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(Mirror(loaded).run({"x": torch.from_numpy(x)})["y"].numpy(), want)
