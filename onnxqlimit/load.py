@@ -147,12 +147,15 @@ def _name_new_initializers(graph: onnx.GraphProto, original: set[str]) -> None:
     """Initializers made while loading (constants folded by onnxsim, BatchNorm folded into a
     convolution) get generated names such as `_v_81` that map back to nothing in the user's
     model: name each after the node that reads it (`<node>.weight`, `<node>.bias`)."""
-    readers = consumers(graph, inside=True)  # (one read inside a branch too: that reader keeps the old name)
+    readers = consumers(graph, inside=True)
+    in_main = {n.name for n in graph.node}  # (node names are unique across scopes: _name_nodes)
     inputs = {v.name for v in graph.input}
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | \
         inputs | {v.name for v in graph.output}
     for init in graph.initializer:
-        if init.name in original or init.name in inputs or len(readers.get(init.name, [])) != 1:
+        found = readers.get(init.name, [])
+        # (a constant lifted out of a subgraph keeps the name its Constant gave it)
+        if init.name in original or init.name in inputs or len(found) != 1 or found[0].name not in in_main:
             continue
         node = readers[init.name][0]  # one reader, reading it once
         index = list(node.input).index(init.name)
