@@ -217,9 +217,13 @@ class Mirror(nn.Module):
     def run_subgraph(self, scope: Mapping[str, torch.Tensor],
                      inputs: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
         """This mirror as a subgraph: its outputs, given the tensors it reads from outside and
-        its own inputs in order (a Loop body's iteration number, condition, carried values)."""
+        its own inputs in order (a Loop body's iteration number, condition, carried values),
+        hooks applied to those as to a model's inputs."""
         self.runs += 1
-        env = self.execute({**scope, **dict(zip(self.input_names, inputs))})
+        env = dict(scope)
+        for name, value in zip(self.input_names, inputs):
+            self._put(env, name, value)
+        env = self.execute(env)
         return [self.value(env, name) for name in self.output_names]
 
     def untaken_subgraphs(self) -> list[str]:

@@ -418,3 +418,49 @@ def test_a_main_graph_constant_also_read_inside_a_branch_keeps_one_name_for_both
     want = ort_session(model.SerializeToString()).run(None, {"x": x})[0]
     with torch.no_grad():
         np.testing.assert_allclose(Mirror(loaded).run({"x": torch.from_numpy(x)})["y"].numpy(), want)
+
+
+class _Scripted(torch.nn.Module):
+    """Data-dependent control flow as torch.jit.script exports it: a Loop whose body Conv reads
+    the carried value, an If on a tensor's mean, a GRU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(4, 8, 3, padding=1)
+        self.refine = torch.nn.Conv1d(8, 8, 3, padding=1)
+        self.gru = torch.nn.GRU(8, 16, batch_first=True)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x, steps: torch.Tensor):
+        h = torch.relu(self.conv(x))
+        for _ in range(int(steps)):
+            h = h + torch.relu(self.refine(h))
+        if bool(h.mean() > 0):
+            h = h * 2
+        y, _ = self.gru(h.transpose(1, 2))
+        return self.head(y[:, -1])
+
+
+def test_a_torchscript_export_with_a_loop_an_if_and_a_gru_quantizes_into_integer_kernels(tmp_path):
+    """The Loop body's Conv reads the Loop-carried value: its activation quantizer stands on the
+    body's input, in the body, so onnxruntime runs it as QLinearConv like the layers outside."""
+    import warnings
+
+    from onnxqlimit import QuantConfig, ReconConfig, RunOptions, quantize
+    from onnxqlimit.runtime import compute_kernels
+
+    torch.manual_seed(0)
+    source = tmp_path / "scripted.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.jit.script(_Scripted().eval()), (torch.randn(2, 4, 20), torch.tensor(3)), str(source),
+                          dynamo=False, opset_version=17, input_names=["x", "steps"], output_names=["y"],
+                          dynamic_axes={"x": {0: "b", 2: "t"}})
+    ops = {n.op_type for n in all_nodes(onnx.load(str(source)).graph)}
+    assert {"Loop", "If", "GRU"} <= ops
+    calib = {"x": np.random.default_rng(0).normal(size=(32, 4, 20)).astype(np.float32), "steps": np.array(3)}
+    result = quantize(str(source), tmp_path / "q.onnx", calib, QuantConfig.of(wbits=8, abits=8),
+                      RunOptions(recon=ReconConfig(method="rtn", calib_size=32), progress=False))
+    assert result.report.integer_parity["flipped"] == 0
+    kinds, floats = compute_kernels(str(result.output_path))
+    assert kinds["QLinearConv"] == 2 and kinds["QGemm"] == 1 and not floats

@@ -122,11 +122,11 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
     # Layers inside If branches and Loop / Scan bodies are placed as any other (their weights
     # were lifted to the main graph at load), at the uniform widths: the mixed-precision search
     # varies the main graph's layers only. No Q/DQ on the model's outputs (a pair would rename
-    # them) nor on a subgraph's inputs (values its node hands in; the mirror hooks none);
-    # a subgraph's outputs may carry one: its node reads them by position.
+    # them); a subgraph's outputs may carry one (its node reads them by position), and its
+    # inputs too (a Loop-carried value that a layer in the body reads: quantized in the body).
     nodes = list(all_nodes(graph))
     inside = {n.name for n in nodes} - {n.name for n in graph.node}
-    no_pair = {o.name for o in graph.output} | _subgraph_inputs(graph)
+    no_pair = {o.name for o in graph.output}
     float_acts = _float_tensors(model)
     compute = [n for n in nodes if n.op_type in COMPUTE_OPS and not _matches(placement.exclude, n)]
     first, graph_last = _first_and_last(graph)
@@ -272,8 +272,8 @@ def _int32_bias(weight: QuantPoint, act: QuantPoint, bias: str, inits, readers) 
 def _fused_form(graph, compute, weights: dict[str, QuantPoint], acts: dict[str, QuantPoint], float_acts: set[str],
                 fused_bits: tuple[int, ...], act_symmetric: bool, outputs: set[str]) -> list[QuantPoint]:
     """The form a runtime fuses into integer kernels (runtimes.py), for every compute node
-    whose data inputs are all quantized at widths in `fused_bits` (`outputs`: tensors that
-    take no Q/DQ pair: the model's outputs, subgraphs' inputs):
+    whose data inputs are all quantized at widths in `fused_bits` (`outputs`: the model's,
+    which take no Q/DQ pair):
 
     - its float bias as int32 (recorded on the weight's point): a Conv/ConvTranspose/Gemm's
       C, a MatMul's constant bias Add;
@@ -461,11 +461,6 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
     """Tensors known (by shape inference) to be float, in subgraphs too; unknown types are left out."""
     typed = [v for g in all_graphs(model.graph) for v in [*g.value_info, *g.input, *g.output]]
     return {v.name for v in typed if v.type.tensor_type.elem_type in _FLOAT_TYPES}
-
-
-def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
-    """The inputs of every graph inside the nodes of `graph`."""
-    return {v.name for g in all_graphs(graph)[1:] for v in g.input}
 
 
 def _first_and_last(graph: onnx.GraphProto) -> tuple[set[str], set[str]]:
