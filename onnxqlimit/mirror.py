@@ -226,6 +226,18 @@ class Mirror(nn.Module):
         env = self.execute(env)
         return [self.value(env, name) for name in self.output_names]
 
+    def nested(self) -> list[Mirror]:
+        """The mirrors of every subgraph inside this one, depth first."""
+        return [m for sub in self.subgraphs.values() for m in (sub, *sub.nested())]
+
+    def untaken_nodes(self) -> set[str]:
+        """The names of the nodes inside subgraphs that no run since they were built has entered."""
+        found: set[str] = set()
+        for sub in self.subgraphs.values():
+            found |= {m_node.name for m in (sub, *sub.nested()) for m_node in m.nodes} if sub.runs == 0 \
+                else sub.untaken_nodes()
+        return found
+
     def untaken_subgraphs(self) -> list[str]:
         """The subgraphs (nested ones too) that no run since they were built has entered."""
         found = []

@@ -193,6 +193,10 @@ def place_and_calibrate(ctx: Context) -> QuantState:
                                                      ctx.config.scheme, ctx.options.progress))
     for name in ctx.mirror.untaken_subgraphs():  # its weights keep round-to-nearest; activations stay float
         log.warning("%s was not taken on any calibration sample", name)
+    untaken = ctx.mirror.untaken_nodes()
+    for point in points:  # no sample measures what its width costs there: a search keeps it
+        if point.consumers and set(point.consumers) <= untaken:
+            point.fixed = True
     if state.calibration.unobserved:
         log.warning("%d activation(s) that no calibration sample computed stay float: %s",
                     len(state.calibration.unobserved), ", ".join(state.calibration.unobserved[:5]))

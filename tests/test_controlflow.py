@@ -464,3 +464,46 @@ def test_a_torchscript_export_with_a_loop_an_if_and_a_gru_quantizes_into_integer
     assert result.report.integer_parity["flipped"] == 0
     kinds, floats = compute_kernels(str(result.output_path))
     assert kinds["QLinearConv"] == 2 and kinds["QGemm"] == 1 and not floats
+
+
+def _large_then_small(n: int = 32) -> dict[str, np.ndarray]:
+    """Batches of 8 (the tests' reconstruction batch) that take the then-branch, then batches
+    that take the else-branch (the If's condition is the batch's largest value above 3)."""
+    x = _both_branches_calibration()["x"]
+    return {"x": np.concatenate([x[16:16 + n // 2], x[:n // 2]])}
+
+
+def test_bitops_count_a_loop_body_layer_per_iteration_and_the_branch_a_sample_takes(tmp_path):
+    """Per sample at W8A8 (the first sample takes the then-branch): Conv_0 112 outputs x 12,
+    the then-branch Conv 96 x 24, the Loop body's MatMul 96 x 12 twice (two iterations), the
+    Gemm 3 x 96: 6240 MACs x 8 x 8."""
+    from onnxqlimit import QuantConfig, ReconConfig, RunOptions, quantize
+
+    source = tmp_path / "m.onnx"
+    onnx.save(layers_in_subgraphs_model(), str(source))
+    result = quantize(str(source), tmp_path / "q.onnx", _large_then_small(), QuantConfig.of(wbits=8, abits=8),
+                      RunOptions(recon=ReconConfig(method="rtn", calib_size=32, batch_size=8), progress=False))
+    assert result.report.costs["bitops"] == (112 * 12 + 96 * 24 + 2 * 96 * 12 + 3 * 96) * 64
+
+
+@pytest.mark.slow
+def test_a_size_budget_varies_layers_inside_branches_and_loop_bodies_but_not_in_an_untaken_branch(tmp_path):
+    from onnxqlimit import MixedConfig, QuantConfig, ReconConfig, RunOptions, Targets, quantize
+    from tests import cost_oracle
+
+    source = tmp_path / "m.onnx"
+    onnx.save(layers_in_subgraphs_model(), str(source))
+
+    def run(calib, name, size):
+        return quantize(str(source), tmp_path / f"{name}.onnx", calib, QuantConfig.of(wbits=8, abits=8),
+                        RunOptions(recon=ReconConfig(method="rtn", calib_size=32, batch_size=8), progress=False,
+                                   mixed=MixedConfig(targets=Targets(size_bytes=size))))
+
+    both = run(_large_then_small(), "both", 1300)
+    plan = cost_oracle.recorded_plan(onnx.load(str(both.output_path)))
+    assert {plan[t] for t in ("tw", "ew", "lw")} - {8}, plan  # a layer in a branch or the body below 8 bits
+    assert both.report.costs["size_bytes"] == both.report.costs["planned_size_bytes"] <= 1300
+    # calibrated on the then-branch only: the else-branch's Conv keeps its width, so the same
+    # budget cannot be met (no sample says what narrowing it would cost)
+    with pytest.raises(QLimitError, match="cannot be met"):
+        run({"x": _large_then_small()["x"][:16]}, "then_only", 1300)

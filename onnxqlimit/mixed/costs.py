@@ -128,20 +128,61 @@ class CostModel:
 
 
 def _node_costs(mirror: Mirror, points: Mapping[str, QuantPoint], quantizers, sample) -> list[NodeCost]:
-    """MACs per sample of every compute node, from one float run on a single sample."""
+    """MACs per sample of every compute node, from one float run on a single sample. A node
+    inside a Loop or Scan body counts once per iteration; one in an If branch the sample
+    does not take counts nothing."""
     compute = [n for n in mirror.nodes if n.op_type in COMPUTE_OPS]
+    inner = [n for sub in mirror.nested() for n in sub.nodes if n.op_type in COMPUTE_OPS]
     wanted = list(dict.fromkeys(t for n in compute for t in (*n.inputs[:2], n.outputs[0]) if t))
-    with torch.no_grad(), quantizers_disabled(quantizers):
+    probe = _ShapeProbe(mirror, {t for n in inner for t in (*n.inputs[:2], n.outputs[0]) if t})
+    with torch.no_grad(), quantizers_disabled(quantizers), probe:
         env = mirror.execute(mirror.initial_env({k: v[:1] for k, v in sample.items()}), keep=wanted)
     shapes = {t: tuple(env[t].shape) for t in wanted if t in env}
+    shapes.update(probe.shapes)
     kinds = {t: p.kind for t, p in points.items()}
     costs = []
-    for node in compute:
+    for node in compute + inner:
         a_shape, b_shape, out = (shapes.get(t, ()) for t in (node.inputs[0], node.inputs[1], node.outputs[0]))
-        macs = _macs(node, a_shape, b_shape, out)
+        macs = _macs(node, a_shape, b_shape, out) * probe.calls.get(node.outputs[0], 1)
         weight, act = operands(node.inputs, kinds)
         costs.append(NodeCost(node.name, macs, weight, act))
     return costs
+
+
+class _ShapeProbe:
+    """Hooks recording the shape of named tensors (and how often each is computed) wherever
+    they are computed, subgraphs included, around the hooks already there."""
+
+    def __init__(self, mirror: Mirror, names: set[str]):
+        self.mirror, self.names = mirror, names
+        self.shapes: dict[str, tuple] = {}
+        self.calls: dict[str, int] = {}
+        self._kept: dict[str, torch.nn.Module | None] = {}
+
+    def __enter__(self):
+        for name in self.names:
+            self._kept[name] = self.mirror.get_hook(name)
+            self.mirror.set_hook(name, _Record(self, name, self._kept[name]))
+        return self
+
+    def __exit__(self, *exc):
+        for name, hook in self._kept.items():
+            self.mirror.set_hook(name, hook)
+
+    def record(self, name: str, x: torch.Tensor) -> None:
+        self.shapes.setdefault(name, tuple(x.shape))
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+
+class _Record(torch.nn.Module):
+    def __init__(self, probe: _ShapeProbe, name: str, inner: torch.nn.Module | None):
+        super().__init__()
+        self.__dict__["probe"] = probe  # (not a child module)
+        self.name, self.inner = name, inner
+
+    def forward(self, x):
+        self.probe.record(self.name, x)
+        return self.inner(x) if self.inner is not None else x
 
 
 def _macs(node, a_shape: tuple, b_shape: tuple, out: tuple) -> int:

@@ -40,6 +40,7 @@ import numpy as np
 import onnx
 
 from ..context import Context
+from ..graph import all_nodes
 from ..mirror import Mirror
 from ..progress import progress_bar
 from ..quant.policy import COMPUTE_OPS, QuantPoint, operands
@@ -175,7 +176,8 @@ def runnable(model: onnx.ModelProto, points: list[QuantPoint], runtime: RuntimeP
     """Whether a block configuration (quantizer -> width) gives every compute node whose weight
     and activation quantizers it sets a (wbits, abits) pair the runtime runs (runtimes.py)."""
     kinds = {p.tensor: p.kind for p in points}
-    pairs = [(node.op_type, *operands(node.input, kinds)) for node in model.graph.node if node.op_type in COMPUTE_OPS]
+    pairs = [(node.op_type, *operands(node.input, kinds)) for node in all_nodes(model.graph)
+             if node.op_type in COMPUTE_OPS]
     pairs = [(op, w, a) for op, w, a in pairs if w is not None and a is not None]
 
     def runs(config: Mapping[str, int]) -> bool:

@@ -120,8 +120,7 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
     inits = {t.name: t for t in graph.initializer}
     float_weights = float_initializers(graph)
     # Layers inside If branches and Loop / Scan bodies are placed as any other (their weights
-    # were lifted to the main graph at load), at the uniform widths: the mixed-precision search
-    # varies the main graph's layers only. No Q/DQ on the model's outputs (a pair would rename
+    # were lifted to the main graph at load). No Q/DQ on the model's outputs (a pair would rename
     # them); a subgraph's outputs may carry one (its node reads them by position), and its
     # inputs too (a Loop-carried value that a layer in the body reads: quantized in the body).
     nodes = list(all_nodes(graph))
@@ -144,7 +143,7 @@ def place(model: onnx.ModelProto, config: QuantConfig, last: set[str] | None = N
             wbits, abits, fixed = max(wbits, widths.first_last_bits), max(abits, widths.first_last_bits), True
         if node.op_type in COMPUTE_OPS:  # the widths this op runs at on the runtime (runtimes.py)
             wbits, abits = runtime.fit(node.op_type, wbits, abits)
-        return wbits, abits, fixed or node.name in inside
+        return wbits, abits, fixed
 
     weights: dict[str, QuantPoint] = {}
     acts: dict[str, QuantPoint] = {}

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from ..errors import QLimitError, check_one_of
+from ..graph import all_nodes
 from .widths import (
     ACT_BITS,
     DEFAULT_ABITS_CHOICES,
@@ -198,7 +199,7 @@ def fusion_inputs(graph, points) -> dict[str, list[str]]:
     """Each fused-form output point (QuantPoint.output_of) -> the quantized inputs of the node
     it lets the runtime fuse."""
     quantized = {p.tensor for p in points}
-    inputs = {n.name: [t for t in n.input if t in quantized] for n in graph.node}
+    inputs = {n.name: [t for t in n.input if t in quantized] for n in all_nodes(graph)}
     return {p.tensor: inputs.get(p.output_of, []) for p in points if p.output_of is not None}
 
 
