@@ -18,6 +18,7 @@ import onnx
 from .graph import innermost_common, outer_names, scoped_nodes, topological_sort
 from .mirror import Mirror
 from .qdq import (
+    dequantize_node,
     gathers_rows,
     insert_activation,
     insert_bias,
@@ -66,10 +67,8 @@ def _dequantize_beside(readers, home: onnx.GraphProto, point, dequantized: str) 
         if scope is not home:
             if id(scope) not in copies:
                 copies[id(scope)] = f"{dequantized}_{len(copies) + 1}"
-                base = point.tensor
-                scope.node.append(onnx.helper.make_node(
-                    "DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
-                    [copies[id(scope)]], name=f"{copies[id(scope)]}_DequantizeLinear"))
+                scope.node.append(dequantize_node(point.tensor, copies[id(scope)],
+                                                  name=f"{copies[id(scope)]}_DequantizeLinear"))
             name = copies[id(scope)]
         _rewire(reader, name)
 

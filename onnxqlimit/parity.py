@@ -18,7 +18,7 @@ import torch
 
 from .data import batches, fixed_batch_size
 from .errors import QLimitError
-from .graph import all_graphs
+from .graph import all_graphs, subgraphs
 from .mirror import Mirror
 from .runtime import Session
 from .weights import on_disk
@@ -195,7 +195,7 @@ def _carry_out(graph: onnx.GraphProto, names: set[str], types: dict[str, int]) -
     does not compute it returns an empty tensor). In place; `graph`'s own tensors are left out."""
     carried: dict[str, str] = {}
     for node in graph.node:
-        subs = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+        subs = subgraphs(node)
         if not subs:
             continue
         inside = []

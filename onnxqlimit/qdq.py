@@ -110,8 +110,7 @@ def insert_weight(graph, point: QuantPoint, quantizer: FakeQuantize, weight, sto
     attrs = {"axis": spec.channel_axis} if spec.channel_axis is not None else {}
     if spec.block_size is not None:  # blocks along the reduction axis (opset 21)
         attrs = {"axis": spec.block_axis, "block_size": spec.block_size}
-    graph.node.append(helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
-                                       [f"{base}_dequantized"], name=f"{base}_DequantizeLinear", **attrs))
+    graph.node.append(dequantize_node(base, f"{base}_dequantized", **attrs))
     if needs_fusion_guard(spec, beside_activations):
         # A Reshape to its own shape between the DQ and its readers is exact and stops the
         # match; the shape comes from a Shape node, so the guard stores no bytes.
@@ -301,6 +300,11 @@ def insert_activation(graph, point: QuantPoint, quantizer: FakeQuantize) -> str:
         source = f"{base}_in_range"
     graph.node.append(helper.make_node("QuantizeLinear", [source, f"{base}_scale", f"{base}_zero_point"],
                                        [f"{base}_quantized"], name=f"{base}_QuantizeLinear"))
-    graph.node.append(helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
-                                       [f"{base}_dequantized"], name=f"{base}_DequantizeLinear"))
+    graph.node.append(dequantize_node(base, f"{base}_dequantized"))
     return f"{base}_dequantized"
+
+
+def dequantize_node(base: str, output: str, name: str | None = None, **attrs):
+    """The DequantizeLinear of the integers, scale and zero point stored under `base`."""
+    return helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
+                            [output], name=name or f"{base}_DequantizeLinear", **attrs)

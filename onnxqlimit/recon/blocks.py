@@ -114,10 +114,12 @@ def _flow(model: onnx.ModelProto) -> _Flow:
 
 
 def _is_layer(node: onnx.NodeProto, float_inits: set[str]) -> bool:
-    if node.op_type in RECURRENT_OPS:
-        return any(t in float_inits for t in node.input[1:3])
-    return weight_input(node, float_inits) is not None or \
-        any(_is_layer(inner, float_inits) for sub in subgraphs(node) for inner in all_nodes(sub))
+    """A layer itself, or a control-flow node with one anywhere inside."""
+    def weighted(n: onnx.NodeProto) -> bool:
+        if n.op_type in RECURRENT_OPS:
+            return any(t in float_inits for t in n.input[1:3])
+        return weight_input(n, float_inits) is not None
+    return weighted(node) or any(weighted(inner) for sub in subgraphs(node) for inner in all_nodes(sub))
 
 
 def _data_inputs(nodes: list[onnx.NodeProto], is_layer: list[bool], producer: dict[str, int],
